@@ -1,0 +1,32 @@
+"""saekit: train, evaluate and analyse sparse autoencoders on neural-network activations.
+
+The two calls most users need from Python:
+
+* ``saekit.load(path)`` → a saved SAE (``encode``, ``decode``, ``forward``) that takes raw activations;
+* ``saekit.open_cache(path)`` → an activation cache: token ids and, per hook point, an (N, d) memory-mapped
+  array aligned with them.
+"""
+
+__version__ = "0.1.0"
+
+
+def load(path, device="cpu"):
+    """Load a saved SAE (a folder with cfg.json + sae.safetensors, or a run folder holding sae/)."""
+    from pathlib import Path
+
+    from saekit.sae import load_sae
+
+    path = Path(path)
+    if not (path / "cfg.json").is_file() and (path / "sae" / "cfg.json").is_file():
+        path = path / "sae"
+    return load_sae(path, device=device)
+
+
+def open_cache(path, verify="size"):
+    """Open an activation cache made by ``saekit cache`` (see :mod:`saekit.activations`)."""
+    from saekit.activations import open_cache as _open
+
+    return _open(path, verify=verify)
+
+
+__all__ = ["load", "open_cache", "__version__"]

@@ -1,0 +1,171 @@
+"""The interface every SAE architecture implements, and the registry that names them.
+
+The trainer, the evaluation and the analysis code only ever talk to this interface, so an architecture is
+one file that (1) declares a config dataclass derived from :class:`SAEConfig`, (2) subclasses :class:`SAE`
+and (3) registers itself with :func:`register`. Conventions (see DESIGN.md):
+
+* ``W_enc`` is (d_in, width), ``W_dec`` is (width, d_in); rows of ``W_dec`` are the feature directions.
+* ``encode(x_ND) -> f_NM`` is the *inference* encoder: one token's code never depends on the rest of the batch.
+* ``decode(f_NM) -> x_hat_ND``.
+* ``forward(x_ND, ctx) -> SAEOutput`` is the *training* pass: reconstruction, latents and a dict of named
+  loss terms whose sum is the loss the trainer minimises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SAEConfig:
+    """Fields shared by every architecture. Subclasses add their own hyperparameters with defaults."""
+
+    d_in: int
+    """Width of the activations the SAE reads (d)."""
+    width: int
+    """Number of latents (M)."""
+
+    def validate(self) -> None:
+        """Reject configs that cannot work, before any work starts. Subclasses extend this."""
+        if self.d_in <= 0 or self.width <= 0:
+            raise ValueError(f"d_in and width must be positive, got d_in={self.d_in}, width={self.width}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
+        """Build from a dict: unknown keys are an error naming them; missing optional keys take defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown keys for {cls.__name__}: {unknown}; known keys: {sorted(known)}")
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"missing required keys for {cls.__name__}: {missing}")
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+
+@dataclass
+class StepContext:
+    """What the trainer tells an SAE about the current step. Architectures ignore what they don't need."""
+
+    sparsity_scale: float = 1.0
+    """Multiplier in [0, 1] for the sparsity coefficient (the trainer's sparsity warm-up)."""
+    dead_mask: torch.Tensor | None = None
+    """(M,) bool: latents that have not fired for ``dead_tokens`` tokens (for AuxK-style losses)."""
+    step: int = 0
+
+
+@dataclass
+class SAEOutput:
+    x_hat: torch.Tensor
+    """(N, d) reconstruction."""
+    f: torch.Tensor
+    """(N, M) latent activations used for the reconstruction (zeros where inactive)."""
+    losses: dict[str, torch.Tensor]
+    """Named scalar loss terms; the training loss is their sum."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Extra scalars worth logging (not optimised)."""
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return sum(self.losses.values())  # type: ignore[return-value]
+
+
+class SAE(nn.Module):
+    """Base class. Subclasses set ``arch`` and ``config_class`` and implement ``encode``/``decode``/``forward``."""
+
+    arch: ClassVar[str]
+    config_class: ClassVar[type[SAEConfig]]
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.metadata: dict[str, Any] = {}
+        """Free-form provenance (hook point, model, normalization, ...), saved in cfg.json by ``save_sae``."""
+
+    # -- the three calls everything uses -------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, ctx: StepContext | None = None) -> SAEOutput:
+        raise NotImplementedError
+
+    # -- hooks the trainer calls around the optimizer step ---------------------------------------------
+    def before_optimizer_step(self) -> None:
+        """Called after backward, before ``optimizer.step()`` (e.g. remove decoder-parallel gradients)."""
+
+    def after_optimizer_step(self) -> None:
+        """Called after ``optimizer.step()`` (e.g. renormalise decoder rows)."""
+
+    # -- initialisation and saving ---------------------------------------------------------------------
+    def init_from_data(self, sample: torch.Tensor, b_dec_init: torch.Tensor | None) -> None:
+        """Data-dependent initialisation. Default: set ``b_dec`` to the given centre (geometric median/mean)."""
+        if b_dec_init is not None and hasattr(self, "b_dec"):
+            with torch.no_grad():
+                self.b_dec.copy_(b_dec_init.to(self.b_dec))
+
+    def fold_input_scale(self, scale: float) -> None:
+        """Make an SAE trained on ``scale * x`` take raw ``x``: afterwards ``encode(x)`` equals the old
+        ``encode(scale * x)`` and ``decode(f)`` equals the old ``decode(f) / scale``. Latent units (and so
+        thresholds) are unchanged. The default covers SAEs whose input enters only through ``W_enc``
+        after subtracting ``b_dec``; architectures with other input paths override it."""
+        with torch.no_grad():
+            self.W_enc.mul_(scale)
+            self.W_dec.div_(scale)
+            self.b_dec.div_(scale)
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def width(self) -> int:
+        return self.cfg.width
+
+
+_REGISTRY: dict[str, type[SAE]] = {}
+
+
+def register(name: str):
+    """Class decorator: ``@register("topk")`` makes the architecture available by name."""
+
+    def wrap(cls: type[SAE]) -> type[SAE]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"architecture name {name!r} registered twice")
+        cls.arch = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_architecture(name: str) -> type[SAE]:
+    from saekit import sae as _all  # noqa: F401  (importing the package registers every architecture)
+
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown architecture {name!r}; available: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def available_architectures() -> list[str]:
+    from saekit import sae as _all  # noqa: F401
+
+    return sorted(_REGISTRY)
