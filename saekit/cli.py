@@ -52,7 +52,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_dataclass_args(p.add_argument_group("activations"), ExtractConfig)
     p.add_argument("--tokens", type=int, default=200_000, help="activations (kept tokens) to cache")
     p.add_argument("--out", required=True, help="cache folder")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing cache made with other settings")
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete an existing cache made with other settings"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("info", help="describe an activation cache or a saved SAE")
@@ -67,9 +69,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train an SAE (from a cache, or from a model and text) and evaluate it",
-        description="Train an SAE. Architecture options depend on --arch; see `saekit train --arch A --help`.",
+        description="Train an SAE. Options depend on --arch; see `saekit train --arch A --help`.",
     )
-    p.add_argument("--config", help="JSON/YAML file with sections 'sae', 'train', 'extract', 'eval' (+ 'arch')")
+    p.add_argument(
+        "--config", help="JSON/YAML file with sections 'sae', 'train', 'extract', 'eval' (+ 'arch')"
+    )
     p.add_argument("--arch", default=None, help=f"architecture: {', '.join(available_architectures())}")
     p.add_argument("--cache", help="train from this activation cache (made by `saekit cache`)")
     p.add_argument("--stream", action="store_true", help="train straight from the model, without caching")
@@ -182,7 +186,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sae = load_sae(path / "sae" if (path / "sae" / "cfg.json").is_file() else path)
     meta = getattr(sae, "metadata", {}) or {}
     hook = args.hook or meta.get("hook")
-    model = args.model or meta.get("model", {}).get("source") or meta.get("model", {}).get("name") or "smollm2"
+    model = (
+        args.model or meta.get("model", {}).get("source") or meta.get("model", {}).get("name") or "smollm2"
+    )
     if not hook:
         raise ValueError("the SAE's metadata names no hook point: pass --hook")
     eval_cfg = dataclass_from_args(EvalConfig, args, eval_tokens=args.tokens, eval_text=args.text or "")

@@ -35,7 +35,7 @@ def field_docs(cls: type) -> dict[str, str]:
         except (OSError, TypeError, SyntaxError):
             continue
         body = tree.body[0].body  # type: ignore[attr-defined]
-        for stmt, nxt in zip(body, body[1:]):
+        for stmt, nxt in zip(body, body[1:], strict=False):
             if (
                 isinstance(stmt, ast.AnnAssign)
                 and isinstance(stmt.target, ast.Name)
@@ -130,10 +130,16 @@ def add_dataclass_args(
 
 
 def dataclass_from_args(
-    cls: type[T], args: argparse.Namespace, *, prefix: str = "", base: dict[str, Any] | None = None, **fixed: Any
+    cls: type[T],
+    args: argparse.Namespace,
+    *,
+    prefix: str = "",
+    base: dict[str, Any] | None = None,
+    **fixed: Any,
 ) -> T:
-    """Build ``cls`` from (in increasing priority) its defaults, ``base`` (e.g. a config file), options given on
-    the command line, and ``fixed`` values. Unknown keys in ``base`` are an error naming them."""
+    """Build ``cls`` from (in increasing priority) its defaults, ``base`` (e.g. a config file),
+    options given on the command line, and ``fixed`` values. Unknown keys in ``base`` are an error
+    naming them."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values = dict(base or {})
     unknown = sorted(set(values) - names)

@@ -50,7 +50,9 @@ class ExtractConfig:
         if self.context_len < 2 or self.model_batch_size <= 0:
             raise ValueError("context_len must be >= 2 and model_batch_size positive")
         if self.outlier_factor != 0 and self.outlier_factor <= 1:
-            raise ValueError(f"outlier_factor must be > 1 (or 0 to keep everything), got {self.outlier_factor}")
+            raise ValueError(
+                f"outlier_factor must be > 1 (or 0 to keep everything), got {self.outlier_factor}"
+            )
 
     @property
     def outlier_factor_or_none(self) -> float | None:
@@ -91,7 +93,8 @@ class EvalConfig:
     eval_batch_size: int = 8
     """Contexts per forward pass during evaluation."""
     splice_special: bool = False
-    """Also splice the SAE in at special-token and outlier positions (default: those keep their clean value)."""
+    """Also splice the SAE in at special-token and outlier positions (default: they keep their clean
+    value)."""
     ablation: Literal["zero", "mean"] = "zero"
     """What replaces the hook point's output for the 'ablated' reference of CE loss recovered."""
     no_splice: bool = False
@@ -180,7 +183,9 @@ def streaming_batch_source(loaded, extract: ExtractConfig, batch_size: int, seed
 def check_hook_width(sae, hook: str, width: int) -> None:
     """An SAE evaluated at a hook point of another width is an error naming both."""
     if sae.d_in != width:
-        raise ValueError(f"the SAE reads d_in={sae.d_in} activations but hook point {hook!r} has width {width}")
+        raise ValueError(
+            f"the SAE reads d_in={sae.d_in} activations but hook point {hook!r} has width {width}"
+        )
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

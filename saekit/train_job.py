@@ -184,7 +184,11 @@ def _headline(train_summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _print_plan(job: TrainJob, train_cfg) -> None:
-    src = f"cache {job.cache}" if job.cache else f"{job.extract.model} {job.extract.hook[0]} on {job.extract.text}"
+    src = (
+        f"cache {job.cache}"
+        if job.cache
+        else f"{job.extract.model} {job.extract.hook[0]} on {job.extract.text}"
+    )
     print(
         f"saekit train: {job.arch} on {src}; {job.tokens:,} tokens in {train_cfg.total_steps} steps of "
         f"{train_cfg.batch_size}; run folder {job.out}",

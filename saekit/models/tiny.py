@@ -26,7 +26,10 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
         vocab[ch] = i + N_SPECIAL
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False), pre_tokenizers.Split("", "isolated")]
+        [
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            pre_tokenizers.Split("", "isolated"),
+        ]
     )
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(

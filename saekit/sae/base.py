@@ -5,7 +5,8 @@ one file that (1) declares a config dataclass derived from :class:`SAEConfig`, (
 and (3) registers itself with :func:`register`. Conventions (see DESIGN.md):
 
 * ``W_enc`` is (d_in, width), ``W_dec`` is (width, d_in); rows of ``W_dec`` are the feature directions.
-* ``encode(x_ND) -> f_NM`` is the *inference* encoder: one token's code never depends on the rest of the batch.
+* ``encode(x_ND) -> f_NM`` is the *inference* encoder: one token's code never depends on the rest
+  of the batch.
 * ``decode(f_NM) -> x_hat_ND``.
 * ``forward(x_ND, ctx) -> SAEOutput`` is the *training* pass: reconstruction, latents and a dict of named
   loss terms whose sum is the loss the trainer minimises.
@@ -86,7 +87,7 @@ class SAEOutput:
 
 
 class SAE(nn.Module):
-    """Base class. Subclasses set ``arch`` and ``config_class`` and implement ``encode``/``decode``/``forward``."""
+    """Base class. Subclasses set ``config_class`` and implement ``encode``, ``decode`` and ``forward``."""
 
     arch: ClassVar[str]
     config_class: ClassVar[type[SAEConfig]]
@@ -117,7 +118,7 @@ class SAE(nn.Module):
 
     # -- initialisation and saving ---------------------------------------------------------------------
     def init_from_data(self, sample: torch.Tensor, b_dec_init: torch.Tensor | None) -> None:
-        """Data-dependent initialisation. Default: set ``b_dec`` to the given centre (geometric median/mean)."""
+        """Data-dependent initialisation. Default: ``b_dec`` = the given centre (geometric median/mean)."""
         if b_dec_init is not None and hasattr(self, "b_dec"):
             with torch.no_grad():
                 self.b_dec.copy_(b_dec_init.to(self.b_dec))
