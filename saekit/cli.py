@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 from saekit import __version__
-from saekit.config import add_dataclass_args, dataclass_from_args, load_config_file, save_config_file
-from saekit.jobs import EvalConfig, ExtractConfig
-
-DEFAULT_RUN_DIR = "runs/topk-smollm2-layers.15"
+from saekit.config import add_dataclass_args, dataclass_from_args, load_config_file
+from saekit.jobs import DEFAULT_OUTLIER_FACTOR, EvalConfig, ExtractConfig
+from saekit.train_job import DEFAULT_RUN_DIR, DEFAULT_TOKENS
 
 
 def _arch_from_argv(argv: list[str]) -> str:
@@ -77,8 +76,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, help=f"architecture: {', '.join(available_architectures())}")
     p.add_argument("--cache", help="train from this activation cache (made by `saekit cache`)")
     p.add_argument("--stream", action="store_true", help="train straight from the model, without caching")
-    p.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run folder (default: {DEFAULT_RUN_DIR})")
-    p.add_argument("--tokens", type=int, default=None, help="training tokens (default: 300000)")
+    p.add_argument("--out", default=None, help=f"run folder (default: {DEFAULT_RUN_DIR})")
+    p.add_argument("--tokens", type=int, default=None, help=f"training tokens (default: {DEFAULT_TOKENS})")
     p.add_argument("--expansion", type=float, default=None, help="width = expansion × d_in (default 8)")
     add_dataclass_args(
         p.add_argument_group(f"{arch_cls.arch} architecture"),
@@ -145,7 +144,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     from saekit.activations import open_cache
 
-    print(open_cache(path, verify="full" if args.verify else "size").describe())
+    print(open_cache(path, verify="full" if args.verify else "size", allow_incomplete=True).describe())
     return 0
 
 
@@ -171,9 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from saekit.train_job import TrainJob, run_train_job
 
     file_cfg = load_config_file(args.config) if args.config else {}
-    job = TrainJob.from_args(args, file_cfg)
-    save_config_file(Path(job.out) / "run_config.json", job.to_dict()) if Path(job.out).exists() else None
-    run_train_job(job)
+    run_train_job(TrainJob.from_args(args, file_cfg))
     return 0
 
 
@@ -204,7 +201,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         context_len=extract.get("context_len", 128),
         loaded=loaded,
         keep_special=extract.get("keep_special", False),
-        outlier_factor=extract.get("outlier_factor", 10.0) or None,
+        outlier_factor=extract.get("outlier_factor", DEFAULT_OUTLIER_FACTOR) or None,
     )
     print(result.format_table())
     if args.json:

@@ -6,15 +6,14 @@ job runs from the command line and from Python.
 
 from __future__ import annotations
 
-import json
-import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
+
+from saekit.activations.extract import DEFAULT_OUTLIER_FACTOR
 
 DEFAULT_HOOK = "layers.15.resid_post"
 
@@ -40,7 +39,7 @@ class ExtractConfig:
     """Storage dtype of cached activations."""
     keep_special: bool = False
     """Keep activations at special tokens (BOS, EOS, ...); by default they are excluded as outliers."""
-    outlier_factor: float = 10.0
+    outlier_factor: float = DEFAULT_OUTLIER_FACTOR
     """Exclude positions whose activation norm exceeds this multiple of the running median norm
     (attention sinks); 0 keeps every position."""
 
@@ -59,13 +58,15 @@ class ExtractConfig:
         return self.outlier_factor or None
 
 
-def run_cache(extract: ExtractConfig, n_tokens: int, out_dir: str | Path, *, overwrite: bool = False):
+def run_cache(
+    extract: ExtractConfig, n_tokens: int, out_dir: str | Path, *, overwrite: bool = False, loaded=None
+):
     """Extract ``n_tokens`` activations into a resumable on-disk cache and return the opened cache."""
     from saekit.activations import write_cache
     from saekit.models import load_model
 
     extract.validate()
-    loaded = load_model(extract.model)
+    loaded = loaded or load_model(extract.model)
     return write_cache(
         out_dir,
         loaded,
@@ -111,7 +112,7 @@ def run_eval(
     context_len: int = 128,
     loaded=None,
     keep_special: bool = False,
-    outlier_factor: float | None = 10.0,
+    outlier_factor: float | None = DEFAULT_OUTLIER_FACTOR,
 ):
     """Evaluate a raw-activation SAE at ``hook`` on held-out text; returns an ``EvalResult``."""
     from saekit.data import iter_texts, pack_contexts
@@ -186,36 +187,3 @@ def check_hook_width(sae, hook: str, width: int) -> None:
         raise ValueError(
             f"the SAE reads d_in={sae.d_in} activations but hook point {hook!r} has width {width}"
         )
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def timed(label: str):
-    """Print how long a block took (for the jobs' human-readable output)."""
-
-    class _Timer:
-        def __enter__(self):
-            self.t = time.perf_counter()
-            return self
-
-        def __exit__(self, *exc):
-            if exc[0] is None:
-                print(f"{label}: {time.perf_counter() - self.t:.1f} s", flush=True)
-
-    return _Timer()
-
-
-__all__ = [
-    "ExtractConfig",
-    "EvalConfig",
-    "run_cache",
-    "run_eval",
-    "cache_batch_source",
-    "streaming_batch_source",
-    "check_hook_width",
-    "write_json",
-    "timed",
-    "warnings",
-]

@@ -24,6 +24,7 @@ from saekit.jobs import (
     streaming_batch_source,
 )
 
+DEFAULT_RUN_DIR = "runs/topk-smollm2-layers.15"
 DEFAULT_TOKENS = 300_000
 DEFAULT_EXPANSION = 8.0
 # The main job's training settings: small batches and a short warm-up suit a run of ~300k tokens.
@@ -39,7 +40,7 @@ class TrainJob:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tokens: int = DEFAULT_TOKENS
     expansion: float = DEFAULT_EXPANSION
-    out: str = "runs/default"
+    out: str = DEFAULT_RUN_DIR
     cache: str | None = None
     stream: bool = False
 
@@ -71,7 +72,7 @@ class TrainJob:
             eval=dataclass_from_args(EvalConfig, args, base=file_cfg.get("eval")),
             tokens=args.tokens or file_cfg.get("tokens", DEFAULT_TOKENS),
             expansion=args.expansion or file_cfg.get("expansion", DEFAULT_EXPANSION),
-            out=args.out or file_cfg.get("out"),
+            out=args.out or file_cfg.get("out", DEFAULT_RUN_DIR),
             cache=args.cache or file_cfg.get("cache"),
             stream=args.stream or file_cfg.get("stream", False),
         )
@@ -80,14 +81,18 @@ class TrainJob:
         return dataclasses.asdict(self)
 
 
-def build_sae(job: TrainJob, d_in: int):
-    """The SAE the job asks for; impossible settings are rejected here, before any work starts."""
+def build_sae(job: TrainJob, d_in: int, seed: int):
+    """The SAE the job asks for, initialised from ``seed``; impossible settings are rejected here."""
+    import torch
+
     from saekit.sae import get_architecture
 
     arch_cls = get_architecture(job.arch)
     opts = dict(job.sae)
     opts.setdefault("width", int(round(job.expansion * d_in)))
-    return arch_cls(arch_cls.config_class.from_dict({"d_in": d_in, **opts}))
+    cfg = arch_cls.config_class.from_dict({"d_in": d_in, **opts})
+    torch.manual_seed(seed)
+    return arch_cls(cfg)
 
 
 def run_train_job(job: TrainJob) -> dict[str, Any]:
@@ -110,27 +115,27 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
     save_config_file(out / "run_config.json", job.to_dict())
 
     loaded = None
-    if job.cache or not job.stream:
-        cache_dir = job.cache or str(out / "activations")
-        if job.cache:
-            cache = open_cache(cache_dir)
-        else:
-            # Extract once into the run folder: a killed run resumes the extraction, then the training.
-            print(f"caching {job.tokens:,} activations of {extract.hook[0]} into {cache_dir}", flush=True)
-            cache = run_cache(dataclasses.replace(extract, hook=extract.hook[:1]), job.tokens, cache_dir)
+    if job.cache:
+        cache = open_cache(job.cache)
         hook = _cache_hook(cache, extract.hook)
-        d_in = cache.widths[hook]
         settings = cache.manifest["settings"]
-        model_ref, text = settings["model"]["source"], settings["source"]
+        model_ref = settings["model"].get("source") or settings["model"]["name"]
+        text = settings["source"]
+        sae = build_sae(job, cache.widths[hook], train_cfg.seed)
         source = cache_batch_source(cache, hook, train_cfg.batch_size, train_cfg.seed)
     else:
         loaded = load_model(extract.model)
-        hook = extract.hook[0]
-        d_in = hook_width(loaded.model, hook)
-        model_ref, text = extract.model, extract.text
-        source = streaming_batch_source(loaded, extract, train_cfg.batch_size, train_cfg.seed, 64 * 1024)
+        hook, model_ref, text = extract.hook[0], extract.model, extract.text
+        sae = build_sae(job, hook_width(loaded.model, hook), train_cfg.seed)  # bad settings fail here, early
+        if job.stream:
+            source = streaming_batch_source(loaded, extract, train_cfg.batch_size, train_cfg.seed, 64 * 1024)
+        else:
+            # Extract once into the run folder: a killed run resumes the extraction, then the training.
+            cache_dir = out / "activations"
+            print(f"caching {job.tokens:,} activations of {hook} into {cache_dir}", flush=True)
+            cache = run_cache(dataclasses.replace(extract, hook=[hook]), job.tokens, cache_dir, loaded=loaded)
+            source = cache_batch_source(cache, hook, train_cfg.batch_size, train_cfg.seed)
 
-    sae = build_sae(job, d_in)
     metadata = {
         "hook": hook,
         "model": {"name": model_ref, "source": model_ref},

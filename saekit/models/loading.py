@@ -69,6 +69,13 @@ class LoadedModel:
         return _n_layers(self.model)
 
 
+def _quiet_transformers() -> None:
+    """transformers' per-tensor "Loading weights" bar says nothing useful next to saekit's own output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_model(
     name: str | None = DEFAULT_MODEL,
     *,
@@ -80,6 +87,7 @@ def load_model(
     The model comes back in eval mode with ``requires_grad`` off: saekit only reads and splices activations.
     """
     dtype = _as_dtype(dtype)
+    _quiet_transformers()
     if name is None or name == "" or name == DEFAULT_MODEL:
         loaded = _load_gguf(smollm2_gguf_path(), DEFAULT_MODEL, dtype)
         loaded.name = DEFAULT_MODEL
