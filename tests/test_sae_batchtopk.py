@@ -1,0 +1,137 @@
+"""BatchTopK SAE: batch-level selection (exactly k·B non-zeros), the inference threshold θ and its EMA,
+batch-independent encode, AuxK wiring, folding, validation, learning."""
+
+import pytest
+import torch
+
+from saekit.eval.synthetic import recovered_fraction, synthetic_activations
+from saekit.sae import BatchTopKConfig, BatchTopKSAE, StepContext, TopKSAE
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine run far faster on one thread than on two contended ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _identity_sae(k: int, threshold_lr: float = 0.01) -> BatchTopKSAE:
+    sae = BatchTopKSAE(BatchTopKConfig(d_in=3, width=3, k=k, threshold_lr=threshold_lr))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(3))
+        sae.W_dec.copy_(torch.eye(3))
+    return sae
+
+
+def test_shares_topk_code():
+    assert issubclass(BatchTopKSAE, TopKSAE)
+
+
+def test_selection_is_over_the_batch_and_sets_threshold():
+    sae = _identity_sae(k=2)
+    x = torch.tensor([[3.0, 2.0, 1.0], [0.5, 0.1, 0.2]])
+    out = sae(x)
+    # top 2·2 = 4 of the flattened batch: 3, 2, 1 (token 0) and 0.5 (token 1)
+    torch.testing.assert_close(out.f, torch.tensor([[3.0, 2.0, 1.0], [0.5, 0.0, 0.0]]))
+    torch.testing.assert_close(out.x_hat, out.f)
+    assert out.metrics["l0"] == 2.0
+    assert sae.threshold.item() == pytest.approx(0.5)  # first estimate: the batch's smallest kept activation
+    # EMA afterwards: θ <- 0.99 θ + 0.01 min
+    sae(torch.tensor([[4.0, 3.0, 2.0], [1.5, 0.0, 0.0]]))
+    assert sae.threshold.item() == pytest.approx(0.99 * 0.5 + 0.01 * 1.5)
+
+
+def test_threshold_not_updated_in_eval_mode_or_from_empty_selection():
+    sae = _identity_sae(k=1)
+    sae.eval()
+    sae(torch.tensor([[3.0, 2.0, 1.0]]))
+    assert sae.threshold.item() == -1.0
+    sae.train()
+    sae(-torch.ones(2, 3))  # nothing positive selected: θ keeps its value
+    assert sae.threshold.item() == -1.0
+
+
+def test_keeps_exactly_k_times_batch_nonzeros():
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(BatchTopKConfig(d_in=8, width=64, k=5))
+    with torch.no_grad():
+        sae.b_enc.fill_(5.0)  # every pre-activation positive, so every kept entry is non-zero
+    x = torch.randn(16, 8)
+    out = sae(x)
+    assert (out.f != 0).sum().item() == 5 * 16
+    per_token = (out.f != 0).sum(1)
+    assert per_token.min() != per_token.max(), "per-token L0 should vary under batch selection"
+    torch.testing.assert_close(out.x_hat, sae.decode(out.f))
+
+
+def test_encode_uses_threshold_and_is_batch_independent():
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(BatchTopKConfig(d_in=8, width=32, k=4))
+    x = torch.randn(20, 8)
+    # before θ is estimated: per-token top-k fallback
+    assert ((sae.encode(x) != 0).sum(1) <= 4).all()
+    with torch.no_grad():
+        sae.threshold.fill_(0.3)
+    f = sae.encode(x)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    torch.testing.assert_close(f, pre * (pre > 0.3))
+    torch.testing.assert_close(sae.encode(x[:3]), f[:3])  # a token's code does not depend on its batch
+
+
+def test_auxk_reaches_dead_encoder_columns_only():
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(BatchTopKConfig(d_in=8, width=32, k=4))
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[0, 7, 19]] = True
+    out = sae(torch.randn(16, 8), StepContext(dead_mask=dead))
+    g = torch.autograd.grad(out.losses["auxk"], sae.W_enc)[0]
+    assert g[:, dead].abs().sum() > 0 and g[:, ~dead].abs().sum() == 0
+
+
+def test_fold_input_scale_is_exact_and_keeps_threshold():
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(BatchTopKConfig(d_in=6, width=20, k=4))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        sae.threshold.fill_(0.2)
+    x, s = torch.randn(7, 6), 2.5
+    f_before = sae.encode(s * x)
+    dec_before = sae.decode(f_before)
+    sae.fold_input_scale(s)
+    assert sae.threshold.item() == pytest.approx(0.2)
+    torch.testing.assert_close(sae.encode(x), f_before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.decode(f_before) * s, dec_before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{"threshold_lr": 0.0}, {"threshold_lr": 1.5}, {"k": 100}])
+def test_validation(kw):
+    with pytest.raises(ValueError):
+        BatchTopKConfig(**{"d_in": 4, "width": 8, "k": 2, **kw}).validate()
+
+
+def test_learns_synthetic_features(one_thread):
+    torch.manual_seed(0)
+    x, dirs = synthetic_activations(20_000, 16, 24, avg_active=2, seed=0)
+    x *= (16 / x.pow(2).sum(1).mean()).sqrt()  # the trainer's normalisation: E‖x‖² = d
+    sae = BatchTopKSAE(BatchTopKConfig(d_in=16, width=48, k=2))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    tokens_since_fired = torch.zeros(48)
+    for step in range(400):
+        batch = x[torch.randint(0, len(x), (256,))]
+        out = sae(batch, StepContext(step=step, dead_mask=tokens_since_fired > 2_000))
+        opt.zero_grad()
+        out.loss.backward()
+        sae.before_optimizer_step()
+        opt.step()
+        sae.after_optimizer_step()
+        tokens_since_fired += len(batch)
+        tokens_since_fired[(out.f > 0).any(0)] = 0
+    assert recovered_fraction(sae.W_dec, dirs) >= 0.8
+    # the inference threshold reproduces the training sparsity on held-out data
+    sae.eval()
+    with torch.no_grad():
+        l0_inference = (sae.encode(x[:4000]) > 0).sum(1).float().mean().item()
+    assert 1.0 <= l0_inference <= 4.0
