@@ -31,16 +31,6 @@ HOOKS = ["layers.1.resid_post", "layers.2.resid_post"]
 BOS = 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine torch's spinning threads make
-    these tests ~15x slower; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def loaded() -> LoadedModel:
     return LoadedModel(tiny_llama(n_layers=4, d_model=32), byte_tokenizer(), "tiny-llama", "test", "0" * 16)
@@ -153,7 +143,6 @@ def test_smollm2_attention_sinks_are_excluded_at_the_default_factor():
         lm = load_model("smollm2")
     except ModelUnavailableError as e:
         pytest.skip(str(e))
-    torch.set_num_threads(2)  # a real model does use both cores
     hook = "layers.12.resid_post"
     stream = iter_source_activations(lm, [hook], source="stdlib", context_len=128, batch_size=16)
     batches = list(itertools.islice(stream, 6))  # 96 contexts

@@ -97,7 +97,6 @@ def test_train_options_follow_the_architecture():
 
 
 def test_cache_info_train_eval_on_a_tiny_model(tiny_model_dir, text_file, tmp_path, capsys):
-    torch.set_num_threads(1)
     cache_dir, run_dir = tmp_path / "cache", tmp_path / "run"
     common = ["--model", str(tiny_model_dir), "--text", str(text_file), "--context-len", "32"]
     assert (

@@ -8,15 +8,6 @@ from saekit.eval.synthetic import recovered_fraction, synthetic_activations
 from saekit.sae import BatchTopKConfig, BatchTopKSAE, StepContext, TopKSAE
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run far faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _identity_sae(k: int, threshold_lr: float = 0.01) -> BatchTopKSAE:
     sae = BatchTopKSAE(BatchTopKConfig(d_in=3, width=3, k=k, threshold_lr=threshold_lr))
     with torch.no_grad():
@@ -112,7 +103,7 @@ def test_validation(kw):
         BatchTopKConfig(**{"d_in": 4, "width": 8, "k": 2, **kw}).validate()
 
 
-def test_learns_synthetic_features(one_thread):
+def test_learns_synthetic_features():
     torch.manual_seed(0)
     x, dirs = synthetic_activations(20_000, 16, 24, avg_active=2, seed=0)
     x *= (16 / x.pow(2).sum(1).mean()).sqrt()  # the trainer's normalisation: E‖x‖² = d

@@ -10,15 +10,6 @@ from saekit.eval.synthetic import recovered_fraction, synthetic_activations
 from saekit.sae import JumpReLUConfig, JumpReLUSAE, StepContext
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run far faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _hand_sae(**kw) -> JumpReLUSAE:
     sae = JumpReLUSAE(JumpReLUConfig(d_in=2, width=3, l0_coeff=0.1, **kw))
     with torch.no_grad():
@@ -135,7 +126,7 @@ def test_default_threshold_is_log_parameterised():
     assert sae.log_threshold[0].item() == pytest.approx(math.log(sae.cfg.init_threshold))
 
 
-def test_learns_synthetic_features(one_thread):
+def test_learns_synthetic_features():
     torch.manual_seed(0)
     x, dirs = synthetic_activations(20_000, 16, 24, avg_active=2, seed=0)
     x *= (16 / x.pow(2).sum(1).mean()).sqrt()  # the trainer's normalisation: E‖x‖² = d

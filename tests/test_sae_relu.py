@@ -7,15 +7,6 @@ from saekit.eval.synthetic import recovered_fraction, synthetic_activations
 from saekit.sae import ReLUConfig, ReLUSAE, SAEConfig, StepContext
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run far faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _hand_sae(**kw) -> ReLUSAE:
     sae = ReLUSAE(ReLUConfig(d_in=2, width=3, l1_coeff=0.1, **kw))
     with torch.no_grad():
@@ -104,7 +95,7 @@ def test_config_from_dict_names_unknown_and_missing_keys():
     assert isinstance(ReLUConfig.from_dict({"d_in": 4, "width": 8}), SAEConfig)
 
 
-def test_learns_synthetic_features(one_thread):
+def test_learns_synthetic_features():
     torch.manual_seed(0)
     x, dirs = synthetic_activations(20_000, 16, 24, avg_active=2, seed=0)
     x *= (16 / x.pow(2).sum(1).mean()).sqrt()  # the trainer's normalisation: E‖x‖² = d

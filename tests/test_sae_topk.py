@@ -9,15 +9,6 @@ from saekit.sae import StepContext, TopKConfig, TopKSAE
 from saekit.sae.common import auxk_loss
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run far faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _hand_sae(k: int = 1) -> TopKSAE:
     sae = TopKSAE(TopKConfig(d_in=2, width=3, k=k))
     with torch.no_grad():
@@ -134,7 +125,7 @@ def test_validation(kw, match):
     assert TopKConfig(d_in=10, width=8, k=2).k_aux_resolved == 5
 
 
-def test_learns_synthetic_features(one_thread):
+def test_learns_synthetic_features():
     torch.manual_seed(0)
     x, dirs = synthetic_activations(20_000, 16, 24, avg_active=2, seed=0)
     x *= (16 / x.pow(2).sum(1).mean()).sqrt()  # the trainer's normalisation: E‖x‖² = d
