@@ -87,7 +87,7 @@ def run_cache(
 class EvalConfig:
     """Held-out evaluation of an SAE inside its model."""
 
-    eval_tokens: int = 16_384
+    eval_tokens: int = 8_192
     """Held-out tokens to evaluate on (0 skips the evaluation)."""
     eval_text: str = ""
     """Text to evaluate on (default: the held-out split of the training text)."""

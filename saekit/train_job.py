@@ -25,7 +25,7 @@ from saekit.jobs import (
 )
 
 DEFAULT_RUN_DIR = "runs/topk-smollm2-layers.15"
-DEFAULT_TOKENS = 300_000
+DEFAULT_TOKENS = 200_000
 DEFAULT_EXPANSION = 8.0
 # The main job's training settings: small batches and a short warm-up suit a run of ~300k tokens.
 DEFAULT_TRAIN = {"batch_size": 1024, "lr": 1e-3, "warmup_steps": 30, "log_every": 10, "checkpoint_every": 50}
