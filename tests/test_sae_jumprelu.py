@@ -142,3 +142,16 @@ def test_learns_synthetic_features():
         sae.after_optimizer_step()
     assert recovered_fraction(sae.W_dec, dirs) >= 0.8
     assert out.metrics["l0"] < 5  # the data's true L0 is 2
+
+
+def test_target_l0_initialises_thresholds_at_the_target_firing_rate():
+    """With target_l0, θ_i starts where latent i fires target/width of the time on the sample."""
+    torch.manual_seed(0)
+    sae = JumpReLUSAE(JumpReLUConfig(d_in=16, width=64, target_l0=8))
+    x = torch.randn(4096, 16)
+    sae.init_from_data(x, torch.zeros(16))
+    l0 = (sae.encode(x) != 0).sum(1).float().mean().item()
+    assert abs(l0 - 8) < 0.5
+    untouched = JumpReLUSAE(JumpReLUConfig(d_in=16, width=64, target_l0=8, init_threshold_from_data=False))
+    untouched.init_from_data(x, torch.zeros(16))
+    assert torch.allclose(untouched.threshold, torch.full((64,), 0.5))

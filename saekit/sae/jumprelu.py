@@ -22,7 +22,8 @@ pre-activations (same run: 61% of features recovered, L0 4.6), from θ₀ = 0.5 
 θ₀ = 1: 89%). Hence θ₀ = 0.5 (about 30% of latents fire at init). λ = 1 makes a latent worth firing when it
 removes more than one unit of squared error (λ = 0.3: L0 7.3; λ = 3: L0 2.4 on the same data). On SmolLM2-135M
 layer-6 residuals (width 2304, 1,500 Adam steps at lr 1e-3) these defaults gave L0 ≈ 31 at FVU 0.16, next to
-TopK k = 32 at FVU 0.15. Sweep λ, or set ``target_l0``.
+TopK k = 32 at FVU 0.15. Sweep λ, or set ``target_l0`` (then θ starts at per-latent quantiles of the
+pre-activations on the trainer's init sample; see ``init_from_data``).
 Decoder rows are unit-norm (constraint hooks, as Gemma Scope); init W_enc = W_decᵀ, b_enc = b_dec = 0.
 The base ``fold_input_scale`` is exact with or without the pre-encoder bias, and θ is in latent units.
 """
@@ -51,6 +52,9 @@ class JumpReLUConfig(SAEConfig):
     """θ₀, every latent's initial threshold (input units, E‖x‖² = d)."""
     pre_enc_bias: bool = False
     """Subtract b_dec before the encoder (GDM's JumpReLU does not; SAELens' apply_b_dec_to_input)."""
+    init_threshold_from_data: bool = True
+    """With target_l0 set: start each θ_i at the quantile of latent i's pre-activations (on the trainer's
+    init sample) above which it fires target_l0/width of the time, so training starts at the target L0."""
 
     def validate(self) -> None:
         super().validate()
@@ -79,6 +83,20 @@ class JumpReLUSAE(UnitNormDecoder, SAE):
         self.log_threshold = nn.Parameter(torch.full((cfg.width,), math.log(cfg.init_threshold)))
         self.W_dec = nn.Parameter(W_dec)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    @torch.no_grad()
+    def init_from_data(self, sample: torch.Tensor, b_dec_init: torch.Tensor | None) -> None:
+        """b_dec from the trainer's centre; with ``target_l0``, θ from the sample (saekit's choice, not the
+        paper's: Adam moves log θ by about lr per step, so a short run cannot travel from one θ₀ for every
+        latent to thresholds giving the target L0; starting there leaves the L0 loss to hold it)."""
+        super().init_from_data(sample, b_dec_init)
+        if self.cfg.target_l0 is None or not self.cfg.init_threshold_from_data:
+            return
+        pre_NM = self.pre_acts(sample[:4096].to(self.W_enc))
+        n = pre_NM.shape[0]
+        fire_count = max(1, round(n * self.cfg.target_l0 / self.cfg.width))
+        theta_M = pre_NM.kthvalue(n - fire_count + 1, dim=0).values  # fire_count-th largest per latent
+        self.log_threshold.copy_(theta_M.clamp_min(1e-3).log())
 
     @property
     def threshold(self) -> torch.Tensor:
