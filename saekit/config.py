@@ -16,6 +16,7 @@ import json
 import textwrap
 import types
 import typing
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -129,6 +130,47 @@ def add_dataclass_args(
         parser.add_argument(*names, **kwargs)
 
 
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+
+
+def reject_unknown_keys(
+    cls: type, data: Mapping[str, Any], *, what: str | None = None, noun: str = "keys"
+) -> None:
+    """Raise ValueError naming every key of ``data`` that is not a field of dataclass ``cls`` (and the
+    known ones): a typo in a config file or a saved record must not be silently dropped."""
+    known = _field_names(cls)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown {noun} for {what or cls.__name__}: {unknown}; known {noun}: {sorted(known)}"
+        )
+
+
+def strict_from_dict(cls: type[T], data: Mapping[str, Any], *, what: str | None = None) -> T:
+    """Build dataclass ``cls`` from ``data`` and run its ``validate()`` if it has one.
+
+    Unknown keys and missing required keys are errors that name them (``what`` names the record in the
+    messages, default the class name); missing optional keys take their defaults. This is how every saved
+    record and config is read back, so old files with fewer keys still load and typos never pass.
+    """
+    name = what or cls.__name__
+    reject_unknown_keys(cls, data, what=name)
+    required = {
+        f.name
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    missing = sorted(required - set(data))
+    if missing:
+        raise ValueError(f"{name} is missing required keys: {missing}")
+    obj = cls(**data)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
 def dataclass_from_args(
     cls: type[T],
     args: argparse.Namespace,
@@ -138,23 +180,16 @@ def dataclass_from_args(
     **fixed: Any,
 ) -> T:
     """Build ``cls`` from (in increasing priority) its defaults, ``base`` (e.g. a config file),
-    options given on the command line, and ``fixed`` values. Unknown keys in ``base`` are an error
-    naming them."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    options given on the command line, and ``fixed`` values. Unknown keys in ``base`` and required fields
+    left unset are errors naming them."""
     values = dict(base or {})
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown settings for {cls.__name__}: {unknown}; known: {sorted(names)}")
-    for name in names:
+    reject_unknown_keys(cls, values, noun="settings")
+    for name in _field_names(cls):
         given = getattr(args, prefix + name, None)
         if given is not None:
             values[name] = given
     values.update(fixed)
-    obj = cls(**values)
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        validate()
-    return obj
+    return strict_from_dict(cls, values)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
-import torch
 
 from saekit.cli import build_parser, main
 from saekit.config import add_dataclass_args, dataclass_from_args, field_docs

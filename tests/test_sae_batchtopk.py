@@ -3,8 +3,15 @@ batch-independent encode, AuxK wiring, folding, validation, learning."""
 
 import pytest
 import torch
+from synthetic_training import (
+    assert_fold_input_scale_exact,
+    perturb_,
+    synthetic_data,
+    train_on_synthetic,
+    with_dead_mask,
+)
 
-from saekit.eval.synthetic import recovered_fraction, synthetic_activations
+from saekit.eval.synthetic import recovered_fraction
 from saekit.sae import BatchTopKConfig, BatchTopKSAE, StepContext, TopKSAE
 
 
@@ -84,17 +91,12 @@ def test_auxk_reaches_dead_encoder_columns_only():
 def test_fold_input_scale_is_exact_and_keeps_threshold():
     torch.manual_seed(0)
     sae = BatchTopKSAE(BatchTopKConfig(d_in=6, width=20, k=4))
+    perturb_(sae, 0.3)
     with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(0.3 * torch.randn_like(p))
         sae.threshold.fill_(0.2)
     x, s = torch.randn(7, 6), 2.5
-    f_before = sae.encode(s * x)
-    dec_before = sae.decode(f_before)
-    sae.fold_input_scale(s)
+    assert_fold_input_scale_exact(sae, x, s)
     assert sae.threshold.item() == pytest.approx(0.2)
-    torch.testing.assert_close(sae.encode(x), f_before, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sae.decode(f_before) * s, dec_before, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kw", [{"threshold_lr": 0.0}, {"threshold_lr": 1.5}, {"k": 100}])
@@ -105,21 +107,9 @@ def test_validation(kw):
 
 def test_learns_synthetic_features():
     torch.manual_seed(0)
-    x, dirs = synthetic_activations(20_000, 16, 24, avg_active=2, seed=0)
-    x *= (16 / x.pow(2).sum(1).mean()).sqrt()  # the trainer's normalisation: E‖x‖² = d
+    x, dirs = synthetic_data()
     sae = BatchTopKSAE(BatchTopKConfig(d_in=16, width=48, k=2))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    tokens_since_fired = torch.zeros(48)
-    for step in range(400):
-        batch = x[torch.randint(0, len(x), (256,))]
-        out = sae(batch, StepContext(step=step, dead_mask=tokens_since_fired > 2_000))
-        opt.zero_grad()
-        out.loss.backward()
-        sae.before_optimizer_step()
-        opt.step()
-        sae.after_optimizer_step()
-        tokens_since_fired += len(batch)
-        tokens_since_fired[(out.f > 0).any(0)] = 0
+    train_on_synthetic(sae, x, 400, with_dead_mask)
     assert recovered_fraction(sae.W_dec, dirs) >= 0.8
     # the inference threshold reproduces the training sparsity on held-out data
     sae.eval()

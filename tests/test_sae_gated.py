@@ -5,8 +5,16 @@ import math
 
 import pytest
 import torch
+from synthetic_training import (
+    assert_decoder_hooks_keep_unit_norm,
+    assert_fold_input_scale_exact,
+    perturb_,
+    sparsity_warmup,
+    synthetic_data,
+    train_on_synthetic,
+)
 
-from saekit.eval.synthetic import recovered_fraction, synthetic_activations
+from saekit.eval.synthetic import recovered_fraction
 from saekit.sae import GatedConfig, GatedSAE, StepContext
 
 
@@ -50,9 +58,7 @@ def _grads(sae: GatedSAE, loss: torch.Tensor) -> dict[str, torch.Tensor | None]:
 def test_each_loss_term_trains_what_the_paper_says():
     torch.manual_seed(0)
     sae = GatedSAE(GatedConfig(d_in=6, width=10))
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(0.2 * torch.randn_like(p))
+    perturb_(sae, 0.2)
     out = sae(torch.randn(32, 6))
     recon, l1, aux = (_grads(sae, out.losses[k]) for k in ("recon", "l1", "aux"))
     # aux decodes through a frozen decoder: W_dec gets nothing; b_dec only what reaches it as the encoder's
@@ -85,29 +91,15 @@ def test_aux_gradient_equals_frozen_decoder_formula():
 def test_constraint_hooks_keep_decoder_unit_norm():
     torch.manual_seed(0)
     sae = GatedSAE(GatedConfig(d_in=5, width=7))
-    sae(torch.randn(6, 5)).loss.backward()
-    sae.before_optimizer_step()
-    torch.testing.assert_close(
-        (sae.W_dec.grad * sae.W_dec.detach()).sum(1), torch.zeros(7), atol=1e-6, rtol=0
-    )
-    with torch.no_grad():
-        sae.W_dec.mul_(3.0)
-    sae.after_optimizer_step()
-    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(7))
+    assert_decoder_hooks_keep_unit_norm(sae, torch.randn(6, 5), stretch=3.0)
 
 
 def test_fold_input_scale_is_exact():
     torch.manual_seed(0)
     sae = GatedSAE(GatedConfig(d_in=6, width=12))
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    perturb_(sae, 0.3)
     x, s = torch.randn(9, 6), 4.2
-    f_before = sae.encode(s * x)
-    dec_before = sae.decode(f_before)
-    sae.fold_input_scale(s)
-    torch.testing.assert_close(sae.encode(x), f_before, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sae.decode(f_before) * s, dec_before, rtol=1e-5, atol=1e-5)
+    assert_fold_input_scale_exact(sae, x, s)
 
 
 def test_validation():
@@ -117,16 +109,7 @@ def test_validation():
 
 def test_learns_synthetic_features():
     torch.manual_seed(0)
-    x, dirs = synthetic_activations(20_000, 16, 24, avg_active=2, seed=0)
-    x *= (16 / x.pow(2).sum(1).mean()).sqrt()  # the trainer's normalisation: E‖x‖² = d
+    x, dirs = synthetic_data()
     sae = GatedSAE(GatedConfig(d_in=16, width=48, l1_coeff=3.0))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    for step in range(500):
-        batch = x[torch.randint(0, len(x), (256,))]
-        out = sae(batch, StepContext(step=step, sparsity_scale=min(1.0, step / 100)))
-        opt.zero_grad()
-        out.loss.backward()
-        sae.before_optimizer_step()
-        opt.step()
-        sae.after_optimizer_step()
+    train_on_synthetic(sae, x, 500, sparsity_warmup)
     assert recovered_fraction(sae.W_dec, dirs) >= 0.8

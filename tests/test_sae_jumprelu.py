@@ -5,8 +5,15 @@ import math
 
 import pytest
 import torch
+from synthetic_training import (
+    assert_fold_input_scale_exact,
+    perturb_,
+    sparsity_warmup,
+    synthetic_data,
+    train_on_synthetic,
+)
 
-from saekit.eval.synthetic import recovered_fraction, synthetic_activations
+from saekit.eval.synthetic import recovered_fraction
 from saekit.sae import JumpReLUConfig, JumpReLUSAE, StepContext
 
 
@@ -93,17 +100,11 @@ def test_init_and_threshold_parameterisation():
 def test_fold_input_scale_is_exact(pre_enc_bias):
     torch.manual_seed(0)
     sae = JumpReLUSAE(JumpReLUConfig(d_in=6, width=12, pre_enc_bias=pre_enc_bias, init_threshold=0.3))
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    perturb_(sae, 0.3)
     x, s = torch.randn(9, 6), 1.9
     theta = sae.threshold.detach().clone()
-    f_before = sae.encode(s * x)
-    dec_before = sae.decode(f_before)
-    sae.fold_input_scale(s)
+    assert_fold_input_scale_exact(sae, x, s)
     torch.testing.assert_close(sae.threshold, theta)
-    torch.testing.assert_close(sae.encode(x), f_before, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sae.decode(f_before) * s, dec_before, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -128,18 +129,9 @@ def test_default_threshold_is_log_parameterised():
 
 def test_learns_synthetic_features():
     torch.manual_seed(0)
-    x, dirs = synthetic_activations(20_000, 16, 24, avg_active=2, seed=0)
-    x *= (16 / x.pow(2).sum(1).mean()).sqrt()  # the trainer's normalisation: E‖x‖² = d
+    x, dirs = synthetic_data()
     sae = JumpReLUSAE(JumpReLUConfig(d_in=16, width=48))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    for step in range(600):
-        batch = x[torch.randint(0, len(x), (256,))]
-        out = sae(batch, StepContext(step=step, sparsity_scale=min(1.0, step / 100)))
-        opt.zero_grad()
-        out.loss.backward()
-        sae.before_optimizer_step()
-        opt.step()
-        sae.after_optimizer_step()
+    out = train_on_synthetic(sae, x, 600, sparsity_warmup)
     assert recovered_fraction(sae.W_dec, dirs) >= 0.8
     assert out.metrics["l0"] < 5  # the data's true L0 is 2
 

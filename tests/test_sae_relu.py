@@ -2,8 +2,15 @@
 
 import pytest
 import torch
+from synthetic_training import (
+    assert_fold_input_scale_exact,
+    perturb_,
+    sparsity_warmup,
+    synthetic_data,
+    train_on_synthetic,
+)
 
-from saekit.eval.synthetic import recovered_fraction, synthetic_activations
+from saekit.eval.synthetic import recovered_fraction
 from saekit.sae import ReLUConfig, ReLUSAE, SAEConfig, StepContext
 
 
@@ -62,15 +69,9 @@ def test_tied_encoder_is_decoder_transpose_and_has_no_W_enc_parameter():
 def test_fold_input_scale_is_exact(kw):
     torch.manual_seed(0)
     sae = ReLUSAE(ReLUConfig(d_in=6, width=10, **kw))
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    perturb_(sae, 0.3)
     x, s = torch.randn(7, 6), 3.7
-    f_before = sae.encode(s * x)
-    dec_before = sae.decode(f_before)
-    sae.fold_input_scale(s)
-    torch.testing.assert_close(sae.encode(x), f_before, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sae.decode(f_before) * s, dec_before, rtol=1e-5, atol=1e-5)
+    assert_fold_input_scale_exact(sae, x, s)
 
 
 @pytest.mark.parametrize(
@@ -97,17 +98,8 @@ def test_config_from_dict_names_unknown_and_missing_keys():
 
 def test_learns_synthetic_features():
     torch.manual_seed(0)
-    x, dirs = synthetic_activations(20_000, 16, 24, avg_active=2, seed=0)
-    x *= (16 / x.pow(2).sum(1).mean()).sqrt()  # the trainer's normalisation: E‖x‖² = d
+    x, dirs = synthetic_data()
     sae = ReLUSAE(ReLUConfig(d_in=16, width=48, l1_coeff=1.0))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    for step in range(400):
-        batch = x[torch.randint(0, len(x), (256,))]
-        out = sae(batch, StepContext(step=step, sparsity_scale=min(1.0, step / 100)))
-        opt.zero_grad()
-        out.loss.backward()
-        sae.before_optimizer_step()
-        opt.step()
-        sae.after_optimizer_step()
+    out = train_on_synthetic(sae, x, 400, sparsity_warmup)
     assert recovered_fraction(sae.W_dec, dirs) >= 0.8
     assert out.metrics["l0"] < 10  # sparse: the data's true L0 is 2 (of 24 features, 48 latents)

@@ -3,8 +3,16 @@ validation, learning."""
 
 import pytest
 import torch
+from synthetic_training import (
+    assert_decoder_hooks_keep_unit_norm,
+    assert_fold_input_scale_exact,
+    perturb_,
+    synthetic_data,
+    train_on_synthetic,
+    with_dead_mask,
+)
 
-from saekit.eval.synthetic import recovered_fraction, synthetic_activations
+from saekit.eval.synthetic import recovered_fraction
 from saekit.sae import StepContext, TopKConfig, TopKSAE
 from saekit.sae.common import auxk_loss
 
@@ -90,29 +98,15 @@ def test_aux_coeff_zero_drops_the_term():
 def test_constraint_hooks_keep_decoder_unit_norm():
     torch.manual_seed(0)
     sae = TopKSAE(TopKConfig(d_in=6, width=12, k=3))
-    sae(torch.randn(5, 6)).loss.backward()
-    sae.before_optimizer_step()
-    torch.testing.assert_close(
-        (sae.W_dec.grad * sae.W_dec.detach()).sum(1), torch.zeros(12), atol=1e-6, rtol=0
-    )
-    with torch.no_grad():
-        sae.W_dec.mul_(2.0)
-    sae.after_optimizer_step()
-    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(12))
+    assert_decoder_hooks_keep_unit_norm(sae, torch.randn(5, 6), stretch=2.0)
 
 
 def test_fold_input_scale_is_exact():
     torch.manual_seed(0)
     sae = TopKSAE(TopKConfig(d_in=6, width=20, k=4))
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    perturb_(sae, 0.3)
     x, s = torch.randn(7, 6), 0.37
-    f_before = sae.encode(s * x)
-    dec_before = sae.decode(f_before)
-    sae.fold_input_scale(s)
-    torch.testing.assert_close(sae.encode(x), f_before, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sae.decode(f_before) * s, dec_before, rtol=1e-5, atol=1e-5)
+    assert_fold_input_scale_exact(sae, x, s)
 
 
 @pytest.mark.parametrize(
@@ -127,19 +121,7 @@ def test_validation(kw, match):
 
 def test_learns_synthetic_features():
     torch.manual_seed(0)
-    x, dirs = synthetic_activations(20_000, 16, 24, avg_active=2, seed=0)
-    x *= (16 / x.pow(2).sum(1).mean()).sqrt()  # the trainer's normalisation: E‖x‖² = d
+    x, dirs = synthetic_data()
     sae = TopKSAE(TopKConfig(d_in=16, width=48, k=2))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    tokens_since_fired = torch.zeros(48)
-    for step in range(400):
-        batch = x[torch.randint(0, len(x), (256,))]
-        out = sae(batch, StepContext(step=step, dead_mask=tokens_since_fired > 2_000))
-        opt.zero_grad()
-        out.loss.backward()
-        sae.before_optimizer_step()
-        opt.step()
-        sae.after_optimizer_step()
-        tokens_since_fired += len(batch)
-        tokens_since_fired[(out.f > 0).any(0)] = 0
+    train_on_synthetic(sae, x, 400, with_dead_mask)
     assert recovered_fraction(sae.W_dec, dirs) >= 0.8

@@ -185,31 +185,11 @@ class ActivationCache:
             raise CacheError(f"hook {hook!r} is not in the cache at {self.dir}; it holds {self.hooks}")
         return self._arrays[hook]
 
-    def batches(
-        self,
-        hook: str,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        skip_batches: int = 0,
-        epochs: int | None = None,
-        buffer_rows: int = 65_536,
-        block_rows: int = 1_024,
-        drop_last: bool = False,
-        return_rows: bool = False,
-    ):
-        """Shuffled (batch_size, d) float32 tensors; see :func:`.reader.shuffled_batches`."""
-        return shuffled_batches(
-            self.acts(hook),
-            batch_size,
-            seed=seed,
-            skip_batches=skip_batches,
-            epochs=epochs,
-            buffer_rows=buffer_rows,
-            block_rows=block_rows,
-            drop_last=drop_last,
-            return_rows=return_rows,
-        )
+    def batches(self, hook: str, batch_size: int, **options: Any):
+        """Shuffled (batch_size, d) float32 tensors of ``hook``: :func:`.reader.shuffled_batches` on
+        ``self.acts(hook)``, which documents the keyword ``options`` (seed, skip_batches, epochs,
+        buffer_rows, block_rows, drop_last, return_rows)."""
+        return shuffled_batches(self.acts(hook), batch_size, **options)
 
     def nbytes(self) -> int:
         return sum(rec["bytes"] for s in self.manifest["shards"] for rec in s["files"].values())

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from saekit.config import strict_from_dict
 from saekit.data.packing import special_token_ids
 from saekit.eval.metrics import ReconstructionStats
 from saekit.eval.splice import ABLATIONS, FidelityStats, log_probs_, model_device, splice_mode_name
@@ -88,21 +89,15 @@ class EvalResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalResult:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown keys in eval result: {unknown}; known keys: {sorted(known)}")
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
-        required -= {f.name for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}
-        missing = sorted(required - set(data))
-        if missing:
-            raise ValueError(f"eval result is missing required keys: {missing}")
-        version = data.get("schema_version", SCHEMA_VERSION)
-        if version > SCHEMA_VERSION:
+        """Build from a dict: unknown keys and missing required keys are errors naming them, and so is a
+        schema newer than this code."""
+        result = strict_from_dict(cls, data, what="eval result")
+        if result.schema_version > SCHEMA_VERSION:
             raise ValueError(
-                f"eval result schema {version} is newer than this saekit understands ({SCHEMA_VERSION})"
+                f"eval result schema {result.schema_version} is newer than this saekit understands "
+                f"({SCHEMA_VERSION})"
             )
-        return cls(**data)
+        return result
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> EvalResult:

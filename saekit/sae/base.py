@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from saekit.config import strict_from_dict
+
 
 @dataclass
 class SAEConfig:
@@ -42,21 +44,7 @@ class SAEConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
         """Build from a dict: unknown keys are an error naming them; missing optional keys take defaults."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown keys for {cls.__name__}: {unknown}; known keys: {sorted(known)}")
-        required = {
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        }
-        missing = sorted(required - set(data))
-        if missing:
-            raise ValueError(f"missing required keys for {cls.__name__}: {missing}")
-        cfg = cls(**data)
-        cfg.validate()
-        return cfg
+        return strict_from_dict(cls, data)
 
 
 @dataclass

@@ -4,7 +4,7 @@ from saekit.train.config import TrainConfig
 from saekit.train.dead import DeadLatentTracker
 from saekit.train.geometric_median import geometric_median
 from saekit.train.schedules import lr_factor, sparsity_scale
-from saekit.train.trainer import Trainer, norm_scale_from_sample
+from saekit.train.trainer import Trainer
 
 __all__ = [
     "DeadLatentTracker",
@@ -12,6 +12,5 @@ __all__ = [
     "Trainer",
     "geometric_median",
     "lr_factor",
-    "norm_scale_from_sample",
     "sparsity_scale",
 ]

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from saekit.config import strict_from_dict
 from saekit.train.schedules import DECAYS
 
 # Settings that change how a run is observed, not the weights it produces: they may differ when resuming.
@@ -113,13 +114,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build from a dict: unknown keys are an error naming them; missing keys take defaults."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown keys for TrainConfig: {unknown}; known keys: {sorted(known)}")
-        cfg = cls(**data)
-        cfg.validate()
-        return cfg
+        return strict_from_dict(cls, data)
 
     def result_settings(self) -> dict[str, Any]:
         """The settings that determine the trained weights (everything but RUNTIME_FIELDS)."""

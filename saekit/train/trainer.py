@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -43,14 +42,6 @@ from saekit.train.schedules import LRSchedule, sparsity_scale
 
 BatchSource = Callable[[int], Iterable[torch.Tensor]]
 EvalCallback = Callable[["Trainer", int], "dict[str, float] | None"]
-
-
-def norm_scale_from_sample(x_ND: torch.Tensor) -> float:
-    """The scalar s with mean ||s x||^2 = d over the rows of ``x_ND`` (computed in float64)."""
-    mean_sq = x_ND.double().pow(2).sum(dim=1).mean().item()
-    if not mean_sq > 0:
-        raise ValueError("cannot normalize activations: the initial sample is all zeros")
-    return math.sqrt(x_ND.shape[1] / mean_sq)
 
 
 class Trainer:
@@ -277,7 +268,13 @@ class Trainer:
         rows = rows[torch.isfinite(rows).all(dim=1)][: self.cfg.init_tokens]
         if rows.shape[0] == 0:
             raise ValueError("every row of the initial batches is NaN or Inf")
-        self.norm_scale = norm_scale_from_sample(rows) if self.cfg.normalize_activations else 1.0
+        self.norm_scale = 1.0
+        if self.cfg.normalize_activations:
+            # Imported here: the saekit.activations package pulls in the model code (transformers, ~1 s),
+            # which importing saekit.train alone should not pay for.
+            from saekit.activations.normalize import estimate_norm_scale
+
+            self.norm_scale = estimate_norm_scale([rows], d=rows.shape[1], max_rows=rows.shape[0])
         x = rows * self.norm_scale
         if self.cfg.b_dec_init == "geometric_median":
             center = geometric_median(x)
