@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from saekit import __version__
+from saekit.analysis.features import FeatureConfig
 from saekit.config import add_dataclass_args, dataclass_from_args, load_config_file
 from saekit.jobs import DEFAULT_OUTLIER_FACTOR, EvalConfig, ExtractConfig
 from saekit.train_job import DEFAULT_RUN_DIR, DEFAULT_TOKENS
@@ -98,8 +99,81 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the result as JSON to this file")
     add_dataclass_args(p.add_argument_group("evaluation"), EvalConfig, skip={"eval_tokens", "eval_text"})
 
+    p = sub.add_parser(
+        "steer",
+        help="generate from a prompt with and without an SAE latent intervention",
+        description="Print the model's greedy continuation of each prompt, then the continuation with the "
+        "intervention. add: add SCALE × the latent's unit decoder direction to the hook output (SCALE in "
+        "activation units; the typical norm is printed); clamp: set the latent to SCALE in the SAE's code; "
+        "ablate: set it to 0. Special tokens and attention sinks are left clean.",
+    )
+    p.add_argument("sae", help="SAE folder (cfg.json + sae.safetensors) or a run folder holding sae/")
+    p.add_argument("prompt", nargs="+", help="prompt(s) to continue")
+    p.add_argument("--latent", type=int, action="append", required=True, help="latent id (repeatable)")
+    p.add_argument("--scale", type=float, default=None, help="steering scale (add) or value (clamp)")
+    p.add_argument("--mode", choices=("add", "clamp", "ablate"), default="add", help="the intervention")
+    p.add_argument("--model", default=None, help="model (default: the one the SAE was trained on)")
+    p.add_argument("--hook", default=None, help="hook point (default: the SAE's)")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (both runs use the same one)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument(
+        "--no-error",
+        action="store_true",
+        help="clamp/ablate: replace the activation by the edited reconstruction (drop the SAE's error term)",
+    )
+
+    p = sub.add_parser(
+        "features",
+        help="record what each latent responds to: top contexts, quantile samples, densities, logit effects",
+        description="One streaming pass over a text: per latent, the top-activating contexts, uniform "
+        "samples grouped by activation quantile, firing density, an activation histogram and the logit "
+        "effect of its decoder row. Written to RUN/features (or SAE/features); `saekit report` makes them "
+        "a site.",
+    )
+    _add_feature_source_args(p)
+    p.add_argument("--out", default=None, help="records folder (default: RUN/features)")
+    add_dataclass_args(p.add_argument_group("records"), FeatureConfig)
+
+    p = sub.add_parser(
+        "report",
+        help="write a static HTML report of a run: latent index, a page per latent, metrics and plots",
+        description="Write RUN/report/index.html: an index of the latents (sortable, searchable by token), "
+        "a page per latent and a summary of the run's metrics and plots. Opens from disk, no server. "
+        "Computes the feature records first (options below) if the run has none.",
+    )
+    _add_feature_source_args(p)
+    p.add_argument("--out", default=None, help="report folder (default: RUN/report)")
+    p.add_argument("--features", default=None, help="feature records folder (default: RUN/features)")
+    p.add_argument(
+        "--latent-pngs", type=int, default=0, help="also write PNG plots for the N strongest latents"
+    )
+    add_dataclass_args(p.add_argument_group("records (when computed)"), FeatureConfig)
+
     sub.add_parser("archs", help="list the SAE architectures and their options' defaults")
     return parser
+
+
+def _add_feature_source_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by `features` and `report`: which SAE, model, hook and text."""
+    from saekit.analysis.jobs import DEFAULT_FEATURE_TOKENS
+
+    p.add_argument("sae", help="run folder (holding sae/) or SAE folder (cfg.json + sae.safetensors)")
+    p.add_argument("--model", default=None, help="model (default: the one the SAE was trained on)")
+    p.add_argument("--hook", default=None, help="hook point (default: the SAE's)")
+    p.add_argument("--text", default=None, help="text source (default: the SAE's training text)")
+    p.add_argument(
+        "--split", choices=("all", "train", "heldout"), default="all", help="documents to read (default: all)"
+    )
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=DEFAULT_FEATURE_TOKENS,
+        help=f"tokens to record (default {DEFAULT_FEATURE_TOKENS:,})",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,31 +249,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from saekit.jobs import check_hook_width, run_eval
-    from saekit.models import hook_width, load_model
-    from saekit.sae import load_sae
+    import saekit
+    from saekit.jobs import load_sae_in_model, run_eval
 
-    path = Path(args.sae)
-    sae = load_sae(path / "sae" if (path / "sae" / "cfg.json").is_file() else path)
-    meta = getattr(sae, "metadata", {}) or {}
-    hook = args.hook or meta.get("hook")
-    model = (
-        args.model or meta.get("model", {}).get("source") or meta.get("model", {}).get("name") or "smollm2"
-    )
-    if not hook:
-        raise ValueError("the SAE's metadata names no hook point: pass --hook")
     eval_cfg = dataclass_from_args(EvalConfig, args, eval_tokens=args.tokens, eval_text=args.text or "")
-    loaded = load_model(model)
-    check_hook_width(sae, hook, hook_width(loaded.model, hook))
-    extract = meta.get("extract", {})
+    run = load_sae_in_model(saekit.load(args.sae), model=args.model, hook=args.hook)
+    extract = run.extract
     result = run_eval(
-        sae,
-        hook,
+        run.sae,
+        run.hook,
         eval_cfg,
-        model=model,
+        model=run.model_name,
         text=extract.get("text", "stdlib"),
         context_len=extract.get("context_len", 128),
-        loaded=loaded,
+        loaded=run.loaded,
         keep_special=extract.get("keep_special", False),
         outlier_factor=extract.get("outlier_factor", DEFAULT_OUTLIER_FACTOR) or None,
     )
@@ -210,7 +273,87 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"cache": cmd_cache, "info": cmd_info, "train": cmd_train, "eval": cmd_eval, "archs": cmd_archs}
+def cmd_steer(args: argparse.Namespace) -> int:
+    import saekit
+    from saekit.analysis.interventions import generate, intervene, typical_norm
+    from saekit.data import special_token_ids
+    from saekit.jobs import load_sae_in_model
+
+    if args.mode != "ablate" and args.scale is None:
+        raise ValueError(f"--mode {args.mode} needs --scale")
+    run = load_sae_in_model(saekit.load(args.sae), model=args.model, hook=args.hook)
+    sae, hook, model, loaded = run.sae, run.hook, run.model_name, run.loaded
+    edit = {
+        "add": {"steer": dict.fromkeys(args.latent, args.scale)},
+        "clamp": {"clamp": dict.fromkeys(args.latent, args.scale)},
+        "ablate": {"ablate": args.latent},
+    }[args.mode]
+    norm = typical_norm(sae)
+    what = {"add": f"add {args.scale} × unit decoder row", "clamp": f"clamp to {args.scale}"}
+    print(
+        f"{sae.arch} SAE ({sae.width} latents) at {hook} of {model}: {what.get(args.mode, 'ablate')} of "
+        f"latent(s) {', '.join(map(str, args.latent))}"
+        + (f"; typical activation norm here ≈ {norm:.0f}" if norm else "")
+        + (" (error term dropped)" if args.no_error else "")
+    )
+    gen = dict(
+        max_new_tokens=args.max_new_tokens,
+        greedy=not args.sample,
+        temperature=args.temperature,
+        seed=args.seed,
+        chat=args.chat,
+    )
+    skip = special_token_ids(loaded.tokenizer)
+    for prompt in args.prompt:
+        baseline = generate(loaded.model, loaded.tokenizer, prompt, **gen)
+        with intervene(loaded.model, sae, hook, keep_error=not args.no_error, skip_token_ids=skip, **edit):
+            steered = generate(loaded.model, loaded.tokenizer, prompt, **gen)
+        print(f"\nprompt:   {prompt!r}\nbaseline: {baseline!r}\nsteered:  {steered!r}")
+    return 0
+
+
+def _feature_options(args: argparse.Namespace) -> dict:
+    return {
+        "model": args.model,
+        "hook": args.hook,
+        "text": args.text,
+        "split": args.split,
+        "n_tokens": args.tokens,
+        "cfg": dataclass_from_args(FeatureConfig, args),
+        "progress": not args.no_progress,
+    }
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from saekit.analysis.jobs import run_features
+
+    run_features(args.sae, out=args.out, **_feature_options(args))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from saekit.analysis.jobs import run_report
+
+    run_report(
+        args.sae,
+        out=args.out,
+        features=args.features,
+        compute=_feature_options(args),
+        latent_pngs=args.latent_pngs,
+    )
+    return 0
+
+
+COMMANDS = {
+    "features": cmd_features,
+    "report": cmd_report,
+    "cache": cmd_cache,
+    "info": cmd_info,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "archs": cmd_archs,
+    "steer": cmd_steer,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

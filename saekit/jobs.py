@@ -187,3 +187,33 @@ def check_hook_width(sae, hook: str, width: int) -> None:
         raise ValueError(
             f"the SAE reads d_in={sae.d_in} activations but hook point {hook!r} has width {width}"
         )
+
+
+@dataclass
+class SAEInModel:
+    """A saved SAE with the model and hook point it reads, resolved from its metadata unless overridden."""
+
+    sae: torch.nn.Module
+    hook: str
+    model_name: str
+    loaded: object
+    extract: dict = field(default_factory=dict)
+    """The extraction settings the SAE was trained with (text, context length, excluded positions)."""
+
+
+def load_sae_in_model(
+    sae: torch.nn.Module, *, model: str | None = None, hook: str | None = None, loaded=None
+) -> SAEInModel:
+    """Load the model ``sae`` was trained on (or ``model``/``loaded``) and check the hook point's width, so
+    every command that runs an SAE inside its model resolves both the same way."""
+    from saekit.models import hook_width, load_model
+
+    meta = getattr(sae, "metadata", {}) or {}
+    hook = hook or meta.get("hook")
+    if not hook:
+        raise ValueError("the SAE's metadata names no hook point: pass --hook")
+    model_meta = meta.get("model", {}) or {}
+    model_name = model or model_meta.get("source") or model_meta.get("name") or "smollm2"
+    loaded = loaded or load_model(model_name)
+    check_hook_width(sae, hook, hook_width(loaded.model, hook))
+    return SAEInModel(sae, hook, model_name, loaded, dict(meta.get("extract", {}) or {}))
