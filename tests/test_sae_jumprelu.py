@@ -49,7 +49,8 @@ def test_pre_encoder_bias_option():
 def test_target_l0_variant_and_sparsity_scale():
     sae = _hand_sae(target_l0=2.0)
     out = sae(torch.tensor([[1.0, 0.2]]), StepContext(sparsity_scale=0.5))
-    assert out.losses["l0"].item() == pytest.approx(0.5 * 0.1 * (1 / 2 - 1) ** 2)
+    # λ · d · (L0/target − 1)² with d = 2 (dictionary_learning's loss in saekit's E‖x‖² = d units)
+    assert out.losses["l0"].item() == pytest.approx(0.5 * 0.1 * 2 * (1 / 2 - 1) ** 2)
 
 
 def test_l0_term_trains_only_threshold_with_rectangle_ste_times_theta():

@@ -520,3 +520,20 @@ def test_resume_after_killed_subprocess_is_bit_identical(tmp_path):
     assert summary["resumed_from_step"] >= 3
     _assert_identical(_final_state(reference), _final_state(resumed))
     assert _losses(out) == _losses(tmp_path / "ref")
+
+
+def test_the_trainer_gives_each_parameter_group_its_learning_rate_scale(tmp_path):
+    """JumpReLU's log θ gets threshold_lr_scale × lr, through warm-up and decay alike."""
+    from saekit.sae import JumpReLUConfig, JumpReLUSAE
+
+    sae = JumpReLUSAE(JumpReLUConfig(d_in=4, width=8, threshold_lr_scale=7.0))
+    cfg = TrainConfig(
+        total_tokens=64, batch_size=16, lr=1e-3, warmup_steps=2, checkpoint_every=0, progress=False
+    )
+    trainer = Trainer(sae, cfg, tmp_path)
+    main, thresholds = trainer.optimizer.param_groups
+    assert thresholds["params"] == [sae.log_threshold]
+    assert not any(p is sae.log_threshold for p in main["params"])
+    assert thresholds["lr"] == pytest.approx(7.0 * main["lr"])
+    trainer.scheduler.step()
+    assert thresholds["lr"] == pytest.approx(7.0 * main["lr"]) and main["lr"] > 0

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from saekit.activations.extract import DEFAULT_OUTLIER_FACTOR
 from saekit.config import strict_from_dict
 from saekit.data.packing import special_token_ids
 from saekit.eval.metrics import ReconstructionStats
@@ -206,7 +207,7 @@ def evaluate_sae(
     n_tokens: int,
     batch_size: int = 8,
     exclude_special: bool = True,
-    outlier_factor: float | None = 10.0,
+    outlier_factor: float | None = DEFAULT_OUTLIER_FACTOR,
     splice_special: bool = False,
     ablation: str = "zero",
     run_splice: bool = True,

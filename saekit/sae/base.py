@@ -98,6 +98,12 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     # -- hooks the trainer calls around the optimizer step ---------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups, each ``{"params": [...], "lr_scale": s}``: the trainer gives a
+        group s × its learning rate (and schedule). One group by default; an architecture whose parameters
+        need another step size (JumpReLU's log-thresholds) splits them off."""
+        return [{"params": list(self.parameters()), "lr_scale": 1.0}]
+
     def before_optimizer_step(self) -> None:
         """Called after backward, before ``optimizer.step()`` (e.g. remove decoder-parallel gradients)."""
 

@@ -3,7 +3,17 @@
     π = (x − b_dec·[pre_enc_bias]) W_enc + b_enc,   θ = exp(log θ) (per latent)
     f = π · H(π − θ),   x̂ = f W_dec + b_dec
     L = ‖x − x̂‖²  (summed over dims, mean over the batch: GDM's scale)  +  λ · Σ_i H(π_i − θ_i)
-    or, with ``target_l0`` set (dictionary_learning's variant):  λ · (L0 / target_l0 − 1)²
+    or, with ``target_l0`` set (dictionary_learning's variant):  λ · d · (L0 / target_l0 − 1)²
+
+The factor d in the target-L0 term carries dictionary_learning's λ (set for inputs with E‖x‖² = 1) over to
+saekit's inputs (E‖x‖² = d), whose squared error is d times larger. Without it, λ = 1 is negligible next
+to the reconstruction: on SmolLM2 layer 15 (width 4608, 780 steps) a run aimed at L0 32 ended at L0 158.
+
+log θ learns ``threshold_lr_scale`` = 10 times faster than the other parameters (saekit's choice; the
+papers use one rate). Adam moves log θ by about lr per step, i.e. θ by 0.1% at lr 1e-3, while a
+pre-activation moves by up to lr·‖x‖₁ through W_enc and b_enc: in short runs the encoder outruns the
+thresholds, and the L0 drifts away from its target whatever λ is. Same run with the d factor: L0 125 for
+target 32 at scale 1, L0 30.4 at scale 10 (held-out). Set it to 1 for the papers' single rate.
 
 Gradients through H and the jump come from the straight-through estimators in
 :mod:`saekit.sae.common` (rectangle kernel of bandwidth ε): the L0 term trains only θ, and θ gets
@@ -43,15 +53,18 @@ from .common import UnitNormDecoder, jumprelu, sse, step, tied_init
 @dataclass
 class JumpReLUConfig(SAEConfig):
     l0_coeff: float = 1.0
-    """λ, the coefficient of the L0 penalty (or of (L0/target_l0 − 1)² when target_l0 is set)."""
+    """λ, the coefficient of the L0 penalty (or of d·(L0/target_l0 − 1)² when target_l0 is set)."""
     target_l0: float | None = None
-    """If set, penalise λ·(L0/target_l0 − 1)² instead of λ·L0 (dictionary_learning), to aim at an L0."""
+    """If set, penalise λ·d·(L0/target_l0 − 1)² instead of λ·L0 (dictionary_learning's loss, in saekit's
+    input units), to aim at an L0."""
     bandwidth: float = 0.05
     """ε, the width of the rectangle kernel of the straight-through estimators (input units, E‖x‖² = d)."""
     init_threshold: float = 0.5
     """θ₀, every latent's initial threshold (input units, E‖x‖² = d)."""
     pre_enc_bias: bool = False
     """Subtract b_dec before the encoder (GDM's JumpReLU does not; SAELens' apply_b_dec_to_input)."""
+    threshold_lr_scale: float = 10.0
+    """Learning rate of log θ relative to the other parameters (saekit's choice; see the module docstring)."""
     init_threshold_from_data: bool = True
     """With target_l0 set: start each θ_i at the quantile of latent i's pre-activations (on the trainer's
     init sample) above which it fires target_l0/width of the time, so training starts at the target L0."""
@@ -64,6 +77,8 @@ class JumpReLUConfig(SAEConfig):
             raise ValueError(f"target_l0 must be in (0, width={self.width}], got {self.target_l0}")
         if self.bandwidth <= 0:
             raise ValueError(f"bandwidth must be positive, got {self.bandwidth}")
+        if self.threshold_lr_scale <= 0:
+            raise ValueError(f"threshold_lr_scale must be positive, got {self.threshold_lr_scale}")
         if self.init_threshold <= 0:
             raise ValueError(
                 f"init_threshold must be positive (the parameter is log θ), got {self.init_threshold}"
@@ -98,6 +113,13 @@ class JumpReLUSAE(UnitNormDecoder, SAE):
         theta_M = pre_NM.kthvalue(n - fire_count + 1, dim=0).values  # fire_count-th largest per latent
         self.log_threshold.copy_(theta_M.clamp_min(1e-3).log())
 
+    def param_groups(self) -> list[dict]:
+        rest = [p for name, p in self.named_parameters() if name != "log_threshold"]
+        return [
+            {"params": rest, "lr_scale": 1.0},
+            {"params": [self.log_threshold], "lr_scale": self.cfg.threshold_lr_scale},
+        ]
+
     @property
     def threshold(self) -> torch.Tensor:
         """θ = exp(log θ), (M,)."""
@@ -126,6 +148,6 @@ class JumpReLUSAE(UnitNormDecoder, SAE):
         if self.cfg.target_l0 is None:
             sparsity = l0_mean
         else:
-            sparsity = (l0_mean / self.cfg.target_l0 - 1).pow(2)
+            sparsity = self.cfg.d_in * (l0_mean / self.cfg.target_l0 - 1).pow(2)
         losses = {"recon": sse(x_ND, x_hat_ND), "l0": self.cfg.l0_coeff * ctx.sparsity_scale * sparsity}
         return SAEOutput(x_hat_ND, f_NM, losses, {"l0": l0_mean.detach().item()})

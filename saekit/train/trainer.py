@@ -66,8 +66,9 @@ class Trainer:
         self.on_eval, self.sae_metadata = on_eval, dict(sae_metadata or {})
         self.device = next(sae.parameters()).device
         self.dtype = next(sae.parameters()).dtype
+        groups = [{"params": g["params"], "lr": cfg.lr * g["lr_scale"]} for g in sae.param_groups()]
         self.optimizer = torch.optim.Adam(
-            sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
+            groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
         )
         schedule = LRSchedule(
             cfg.total_steps, cfg.warmup_steps, cfg.decay, cfg.decay_start_fraction, cfg.final_lr_fraction
