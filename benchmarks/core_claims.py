@@ -40,11 +40,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke run: 32k training tokens, 4k held out")
     ap.add_argument("--text", default=str(DEFAULT_HELDOUT), help="held-out text")
     ap.add_argument("--work-dir", default=str(REPO / "runs" / "bench_core"))
-    ap.add_argument("--relu-l1", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
-    ap.add_argument("--gated-l1", type=float, nargs="+", default=[1.5, 3.0, 6.0])
-    ap.add_argument("--jumprelu-l0", type=float, nargs="+", default=[32.0])
+    ap.add_argument("--relu-l1", type=float, nargs="*", default=[0.5, 1.0, 2.0, 4.0])
+    ap.add_argument("--gated-l1", type=float, nargs="*", default=[1.5, 3.0, 6.0])
+    ap.add_argument("--jumprelu-l0", type=float, nargs="*", default=[32.0])
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument(
+        "--train-cache", default=None, help="reuse this cache of stdlib (train split) activations at HOOK"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.quick:
@@ -107,7 +110,12 @@ def main() -> None:
     args = parse_args()
     work = Path(args.work_dir)
     t_start = time.perf_counter()
-    train_cache = cache(work, f"train_{args.tokens}", "stdlib", "train", args.tokens)
+    if args.train_cache:
+        train_cache = open_cache(args.train_cache)
+        if train_cache.n_tokens < args.tokens or HOOK not in train_cache.hooks:
+            raise SystemExit(f"{args.train_cache} lacks {args.tokens:,} tokens at {HOOK}")
+    else:
+        train_cache = cache(work, f"train_{args.tokens}", "stdlib", "train", args.tokens)
     held_cache = cache(work, f"heldout_{args.heldout_tokens}", args.text, "all", args.heldout_tokens)
     x_eval = np.ascontiguousarray(held_cache.acts(HOOK)[: held_cache.n_tokens], dtype=np.float32)
     d_in = x_eval.shape[1]
