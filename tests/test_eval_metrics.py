@@ -152,3 +152,18 @@ def test_bad_input_is_named():
         st.update(torch.zeros(2, 3), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="tokens"):
         st.update(X, XH, F[:1])
+
+
+def test_hierarchical_children_fire_only_with_their_parent():
+    from saekit.eval.synthetic import hierarchical_activations
+
+    # With fewer features than dimensions the directions are independent, so least squares reads each
+    # feature's magnitude back from x exactly.
+    x, dirs, parent = hierarchical_activations(4000, 32, 3, 4, parent_prob=0.3, child_prob=0.5, seed=0)
+    assert dirs.shape == (15, 32) and parent.tolist() == [-1] * 3 + [0] * 4 + [1] * 4 + [2] * 4
+    coef = torch.linalg.lstsq(dirs.T, x.T).solution.T  # (N, F) magnitudes
+    fires = coef > 1e-4
+    for child in range(3, 15):
+        assert not (fires[:, child] & ~fires[:, parent[child]]).any()
+    assert abs(fires[:, :3].float().mean().item() - 0.3) < 0.03
+    assert abs(fires[:, 3:].float().mean().item() - 0.15) < 0.03

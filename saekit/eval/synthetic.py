@@ -92,3 +92,50 @@ def mmcs(W_dec_MD: torch.Tensor, true_dirs_FD: torch.Tensor) -> float:
 def recovered_fraction(W_dec_MD: torch.Tensor, true_dirs_FD: torch.Tensor, threshold: float = 0.9) -> float:
     """Share of true features whose best cosine with a decoder row is at least ``threshold``."""
     return (_best_cosines(W_dec_MD, true_dirs_FD) >= threshold).float().mean().item()
+
+
+def hierarchical_activations(
+    n_samples: int,
+    d: int,
+    n_parents: int,
+    children_per_parent: int,
+    *,
+    parent_prob: float = 0.1,
+    child_prob: float = 0.5,
+    magnitude_range: tuple[float, float] = (0.5, 1.5),
+    noise_std: float = 0.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activations from a two-level feature hierarchy: children fire only with their parent.
+
+    Each parent p fires independently with probability ``parent_prob``; when it fires, each of its
+    ``children_per_parent`` children fires independently with probability ``child_prob`` (so
+    P(child) = parent_prob · child_prob and a child never fires without its parent). A sample is
+    Σ m_j · g_j over the firing features, parents and children alike, with unit directions g_j in general
+    position (all features together may exceed d: superposition).
+
+    Returns ``(x_ND, directions_FD, parent_F)``: features 0 … n_parents−1 are the parents, the rest the
+    children; ``parent_F[j]`` is the index of feature j's parent, −1 for parents.
+    """
+    if min(n_samples, d, n_parents, children_per_parent) <= 0:
+        raise ValueError("n_samples, d, n_parents and children_per_parent must be positive")
+    if not (0 < parent_prob <= 1 and 0 < child_prob <= 1):
+        raise ValueError(f"probabilities must be in (0, 1], got {parent_prob}, {child_prob}")
+    lo, hi = magnitude_range
+    if not 0 <= lo <= hi:
+        raise ValueError(f"magnitude_range must satisfy 0 <= low <= high, got {magnitude_range}")
+    n_children = n_parents * children_per_parent
+    gen = torch.Generator().manual_seed(_SEED_SALT + seed)
+    dirs_FD = torch.randn(n_parents + n_children, d, generator=gen)
+    dirs_FD /= dirs_FD.norm(dim=1, keepdim=True)
+    parent_of_child = torch.arange(n_parents).repeat_interleave(children_per_parent)
+    parent_F = torch.cat([torch.full((n_parents,), -1), parent_of_child])
+    parents_NP = torch.rand(n_samples, n_parents, generator=gen) < parent_prob
+    children_NC = torch.rand(n_samples, n_children, generator=gen) < child_prob
+    children_NC &= parents_NP[:, parent_of_child]
+    fires_NF = torch.cat([parents_NP, children_NC], dim=1)
+    mags_NF = lo + (hi - lo) * torch.rand(n_samples, n_parents + n_children, generator=gen)
+    x_ND = (fires_NF * mags_NF) @ dirs_FD
+    if noise_std > 0:
+        x_ND += noise_std * torch.randn(n_samples, d, generator=gen)
+    return x_ND, dirs_FD, parent_F

@@ -1,9 +1,12 @@
 """Sparse autoencoder architectures behind one interface (:mod:`saekit.sae.base`).
 
-Importing this package registers every architecture, so ``get_architecture(name)`` finds them all.
+Importing this package imports every module in it, and so registers every architecture: an architecture
+is one new file here, and ``get_architecture(name)`` finds it.
 """
 
-from . import batchtopk, gated, jumprelu, relu, topk  # noqa: F401  (registers the architectures)
+import importlib
+import pkgutil
+
 from .base import SAE, SAEConfig, SAEOutput, StepContext, available_architectures, get_architecture, register
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
 from .gated import GatedConfig, GatedSAE
@@ -11,6 +14,9 @@ from .io import load_sae, save_sae
 from .jumprelu import JumpReLUConfig, JumpReLUSAE
 from .relu import ReLUConfig, ReLUSAE
 from .topk import TopKConfig, TopKSAE
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "SAE",

@@ -56,6 +56,14 @@ class StepContext:
     dead_mask: torch.Tensor | None = None
     """(M,) bool: latents that have not fired for ``dead_tokens`` tokens (for AuxK-style losses)."""
     step: int = 0
+    total_steps: int = 0
+    """Steps in the whole run (0 = unknown). Schedules inside an architecture (SoftSAE's temperature
+    annealing and hard phase, Tree SAE's reallocation) read ``progress``."""
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the run completed before this step, in [0, 1] (0 when the length is unknown)."""
+        return min(1.0, self.step / self.total_steps) if self.total_steps > 0 else 0.0
 
 
 @dataclass
@@ -96,6 +104,13 @@ class SAE(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext | None = None) -> SAEOutput:
         raise NotImplementedError
+
+    @classmethod
+    def own_training_rows(cls, options: dict[str, Any]) -> torch.Tensor | None:
+        """Rows (N, d_in) to train on instead of model activations, given the job's architecture options
+        (the meta-SAE trains on another SAE's decoder rows). ``None``, the default: train on activations
+        of a model's hook point."""
+        return None
 
     # -- hooks the trainer calls around the optimizer step ---------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:

@@ -176,6 +176,7 @@ class Trainer:
             sparsity_scale=sparsity_scale(self.step, self.cfg.sparsity_warmup_steps),
             dead_mask=self.dead.dead_mask(),
             step=self.step,
+            total_steps=self.cfg.total_steps,
         )
         out = self.sae(x, ctx)
         loss = out.loss
