@@ -38,6 +38,7 @@ def _config_from_argv(argv: list[str]) -> dict:
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from saekit.sae import available_architectures, get_architecture
     from saekit.train import TrainConfig
+    from saekit.train.config import E2EConfig
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
@@ -87,17 +88,44 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         aliases={"l1": "l1_coeff", "l0": "target_l0"},
     )
     add_dataclass_args(p.add_argument_group("training"), TrainConfig, skip={"total_tokens"})
+    add_dataclass_args(p.add_argument_group("end-to-end training (Braun et al. 2024)"), E2EConfig)
     add_dataclass_args(p.add_argument_group("activations (model and text)"), ExtractConfig)
     add_dataclass_args(p.add_argument_group("evaluation"), EvalConfig)
 
     p = sub.add_parser("eval", help="evaluate a saved SAE in its model on held-out text")
     p.add_argument("sae", help="SAE folder (cfg.json + sae.safetensors) or a run folder holding sae/")
     p.add_argument("--model", default=None, help="model (default: the one the SAE was trained on)")
-    p.add_argument("--hook", default=None, help="hook point (default: the SAE's)")
+    p.add_argument(
+        "--hook",
+        default=None,
+        help="hook point (default: the SAE's; each of a multi-layer SAE's hook points)",
+    )
     p.add_argument("--text", default=None, help="text (default: held-out split of the SAE's training text)")
     p.add_argument("--tokens", type=int, default=16_384, help="tokens to evaluate on")
     p.add_argument("--json", default=None, help="write the result as JSON to this file")
     add_dataclass_args(p.add_argument_group("evaluation"), EvalConfig, skip={"eval_tokens", "eval_text"})
+    g = p.add_argument_group("analyses (written beside the SAE, or into --plots-dir)")
+    g.add_argument("--afa", action="store_true", help="AFA: εLBO per token (median), ZF plot (zf_plot.png)")
+    g.add_argument(
+        "--progressive",
+        action="store_true",
+        help="progressive coding: FVU, L0 and CE loss recovered of the first G latents (progressive.png)",
+    )
+    g.add_argument(
+        "--progressive-widths", type=int, default=6, help="widths G in the geometric grid (default 6)"
+    )
+    g.add_argument(
+        "--progressive-order",
+        choices=("auto", "energy", "frequency", "index"),
+        default="auto",
+        help="latent ranking (default auto: index for Matryoshka, E[f²] otherwise)",
+    )
+    g.add_argument(
+        "--progressive-ce-tokens", type=int, default=2_048, help="tokens for CE per width (default 2048)"
+    )
+    g.add_argument(
+        "--plots-dir", default=None, help="where the analyses' PNGs go (default: the SAE's folder)"
+    )
 
     p = sub.add_parser(
         "steer",
@@ -215,6 +243,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         for key, value in getattr(sae, "metadata", {}).items():
             if key != "training":
                 print(f"  {key}: {value}")
+        structure = sae.describe_structure()
+        if structure:
+            print(structure)
         return 0
     from saekit.activations import open_cache
 
@@ -236,7 +267,9 @@ def cmd_archs(args: argparse.Namespace) -> int:
         for f in dataclasses.fields(cls.config_class):
             if f.name in ("d_in", "width"):
                 continue
-            print(f"    --{f.name.replace('_', '-')} (default {f.default}): {docs.get(f.name, '')}")
+            has_factory = f.default_factory is not dataclasses.MISSING
+            default = f.default_factory() if has_factory else f.default
+            print(f"    --{f.name.replace('_', '-')} (default {default}): {docs.get(f.name, '')}")
     return 0
 
 
@@ -249,28 +282,70 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate as the SAE was trained: on its own rows (no model), at each of its hook points (a multi-hook
+    SAE without --hook), or at its hook point."""
     import saekit
-    from saekit.jobs import load_sae_in_model, run_eval
+    from saekit.eval.analyses import HeldOut, format_analyses
+    from saekit.jobs import evaluate_rows, load_sae_in_model, run_eval, run_layerwise_eval
 
     eval_cfg = dataclass_from_args(EvalConfig, args, eval_tokens=args.tokens, eval_text=args.text or "")
-    run = load_sae_in_model(saekit.load(args.sae), model=args.model, hook=args.hook)
-    extract = run.extract
-    result = run_eval(
-        run.sae,
-        run.hook,
-        eval_cfg,
-        model=run.model_name,
-        text=extract.get("text", "stdlib"),
-        context_len=extract.get("context_len", 128),
-        loaded=run.loaded,
-        keep_special=extract.get("keep_special", False),
-        outlier_factor=extract.get("outlier_factor", DEFAULT_OUTLIER_FACTOR) or None,
-    )
+    sae = saekit.load(args.sae)
+    rows = type(sae).own_training_rows(sae.cfg.to_dict())
+    hooks = (sae.metadata.get("hooks") or []) if type(sae).multi_hook and not args.hook else []
+    if (args.afa or args.progressive) and (rows is not None or hooks):
+        raise ValueError("--afa and --progressive analyse the SAE at one hook point of its model")
+    if rows is not None:
+        result = evaluate_rows(sae, rows, what=f"{sae.arch} training rows")
+    else:
+        run = load_sae_in_model(sae, model=args.model, hook=args.hook or (hooks[0] if hooks else None))
+        extract = run.extract
+        options = {
+            "model": run.model_name,
+            "text": extract.get("text", "stdlib"),
+            "context_len": extract.get("context_len", 128),
+            "loaded": run.loaded,
+            "keep_special": extract.get("keep_special", False),
+            "outlier_factor": extract.get("outlier_factor", DEFAULT_OUTLIER_FACTOR) or None,
+        }
+        if hooks:
+            result = run_layerwise_eval(run.sae, hooks, eval_cfg, **options)
+        else:
+            held = HeldOut() if args.afa or args.progressive else None
+            result = run_eval(run.sae, run.hook, eval_cfg, **options, on_batch=held)
+            if held is not None:
+                _run_analyses(args, run, result, held)
     print(result.format_table())
+    if getattr(result, "extra", None):
+        print(format_analyses(result.extra))
     if args.json:
         result.to_json(args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def _run_analyses(args: argparse.Namespace, run, result, held) -> None:
+    """``--afa`` and ``--progressive`` on the tokens the evaluation read; results go to ``result.extra``."""
+    from saekit.data import special_token_ids
+    from saekit.eval.analyses import afa_analysis, progressive_analysis
+
+    sae_path = Path(args.sae)
+    plots = Path(args.plots_dir) if args.plots_dir else sae_path if sae_path.is_dir() else sae_path.parent
+    if args.afa:
+        result.extra["afa"] = afa_analysis(
+            run.sae, held, plots / "zf_plot.png", title=f"{run.model_name} {run.hook}"
+        )
+    if args.progressive:
+        result.extra["progressive"] = progressive_analysis(
+            run.sae,
+            held,
+            run.loaded.model,
+            run.hook,
+            plots / "progressive.png",
+            n_widths=args.progressive_widths,
+            order_by=args.progressive_order,
+            ce_tokens=args.progressive_ce_tokens,
+            special_ids=special_token_ids(run.loaded.tokenizer),
+        )
 
 
 def cmd_steer(args: argparse.Namespace) -> int:

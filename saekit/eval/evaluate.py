@@ -21,7 +21,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,8 @@ class EvalResult:
     """Positions left out of the reconstruction metrics, by reason."""
     sae: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Optional analyses by name (``afa``, ``progressive``: :mod:`saekit.eval.analyses`)."""
     elapsed_s: float = 0.0
     schema_version: int = SCHEMA_VERSION
 
@@ -214,12 +216,14 @@ def evaluate_sae(
     center: torch.Tensor | None = None,
     model_name: str = "",
     text_source: str = "",
+    on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> EvalResult:
     """Evaluate ``sae`` (raw-activation ``encode``/``decode``) at ``hook`` on about ``n_tokens`` tokens.
 
     ``contexts_iter`` yields 1-D token tensors (e.g. from ``saekit.data.pack_contexts``). ``outlier_factor``
     None keeps every non-special position; ``center`` is passed to :class:`ReconstructionStats` for an exact
-    ``ev_per_token``. ``run_splice=False`` skips the two extra forwards per batch.
+    ``ev_per_token``. ``run_splice=False`` skips the two extra forwards per batch. ``on_batch(ids_BT, x_KD)``
+    sees each batch's tokens and the activations the metrics were computed on (for further analyses).
     """
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
@@ -264,6 +268,8 @@ def evaluate_sae(
             excluded[k] += v
         f, x_hat = reconstruct(act_BTD[eval_mask])
         rec.update(act_BTD[eval_mask], x_hat, f)
+        if on_batch is not None:
+            on_batch(ids, act_BTD[eval_mask])
         if run_splice:
             if torch.equal(eval_mask, splice_mask):  # the same positions: reuse the reconstructions
 

@@ -87,6 +87,20 @@ class SAE(nn.Module):
 
     arch: ClassVar[str]
     config_class: ClassVar[type[SAEConfig]]
+    multi_hook: ClassVar[bool] = False
+    """True for an SAE trained on the pooled rows of several hook points (the multi-layer SAE). Its config
+    then has an ``n_layers`` field, and the train job feeds batches of ``n_layers`` equal blocks, block l
+    from hook point l (the same tokens in every block), and records the hook points in
+    ``metadata["hooks"]``."""
+    ordered_latents: ClassVar[bool] = False
+    """True when training orders the latents by importance (Matryoshka prefixes), so progressive coding
+    (``saekit eval --progressive``) reads them in index order instead of ranking them by E[f²]."""
+    permutable_latents: ClassVar[bool] = True
+    """False when latents cannot be reordered freely (Switch: each expert owns a block of latents)."""
+    latent_axes: ClassVar[dict[str, int | None]] = {}
+    """State-dict tensors whose latent axis cannot be inferred from the conventions (``W_enc`` (d, M),
+    ``W_dec`` (M, d), ``b_enc`` and other 1-D (M,) tensors when M ≠ d): name → latent axis, None for none.
+    Used by :func:`saekit.eval.progressive.permute_latents`."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -104,6 +118,11 @@ class SAE(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext | None = None) -> SAEOutput:
         raise NotImplementedError
+
+    def describe_structure(self) -> str | None:
+        """Text describing learned structure beyond the weights (the Tree SAE's tree), printed by
+        ``saekit info``; None when there is none."""
+        return None
 
     @classmethod
     def own_training_rows(cls, options: dict[str, Any]) -> torch.Tensor | None:

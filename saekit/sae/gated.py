@@ -24,6 +24,7 @@ Init (dictionary_learning): unit-norm W_dec rows, W_gate = W_decᵀ, r_mag = b_g
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,8 @@ class GatedConfig(SAEConfig):
 @register("gated")
 class GatedSAE(UnitNormDecoder, SAE):
     config_class = GatedConfig
+    latent_axes: ClassVar[dict[str, int | None]] = {"b_gate": 0, "r_mag": 0, "b_mag": 0}
+    """Per-latent tensors (for saekit.eval.progressive.permute_latents when d_in == width)."""
     cfg: GatedConfig
 
     def __init__(self, cfg: GatedConfig):

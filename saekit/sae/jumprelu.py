@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -88,6 +89,8 @@ class JumpReLUConfig(SAEConfig):
 @register("jumprelu")
 class JumpReLUSAE(UnitNormDecoder, SAE):
     config_class = JumpReLUConfig
+    latent_axes: ClassVar[dict[str, int | None]] = {"log_threshold": 0}
+    """Per-latent tensors (for saekit.eval.progressive.permute_latents when d_in == width)."""
     cfg: JumpReLUConfig
 
     def __init__(self, cfg: JumpReLUConfig):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from saekit.config import strict_from_dict
@@ -124,3 +124,67 @@ class TrainConfig:
         """Short hash of ``result_settings()``: a checkpoint only resumes under the same hash."""
         text = json.dumps(self.result_settings(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class E2EConfig:
+    """End-to-end training (Braun et al. 2024, arXiv 2405.12241; saekit.train.e2e): the SAE's reconstruction
+    replaces the activation inside the model and the loss is the KL divergence of the next-token
+    distributions, optionally plus the MSE of later residual-stream activations (e2e+ds)."""
+
+    e2e: bool = False
+    """Train end to end: splice the SAE into the model and minimise KL(clean || spliced) of the next-token
+    distributions instead of the local reconstruction error (the activations then come from the model,
+    not a cache)."""
+    e2e_kl_coeff: float | None = None
+    """Coefficient of the KL term (default: 1.0, or 0.5 with e2e_downstream_hooks, as in Braun et al.)."""
+    e2e_downstream_hooks: list[str] = field(default_factory=list)
+    """Later hook points (e.g. layers.7.resid_pre) whose spliced activations are pulled towards the clean
+    ones by an MSE term (e2e+ds). Repeatable."""
+    e2e_downstream_coeff: float = 2.5
+    """Total coefficient of the downstream MSE terms, split evenly over e2e_downstream_hooks."""
+    e2e_local_coeff: float = 0.0
+    """Weight of the architecture's own local reconstruction term ('recon'); 0 = pure e2e. Its sparsity
+    and auxiliary terms are always kept."""
+
+    @property
+    def kl_coeff(self) -> float:
+        """The KL coefficient in use: Braun et al.'s 1.0 (e2e) or 0.5 (e2e+ds) unless one is given."""
+        if self.e2e_kl_coeff is not None:
+            return self.e2e_kl_coeff
+        return 0.5 if self.e2e_downstream_hooks else 1.0
+
+    def validate(self) -> None:
+        """Reject settings that cannot work, naming the field."""
+        given = {k: v for k, v in self.to_dict().items() if k != "e2e" and v != _E2E_DEFAULTS[k]}
+        if given and not self.e2e:
+            raise ValueError(
+                f"settings {sorted(given)} only apply to end-to-end training: add e2e=True (--e2e)"
+            )
+        for name in ("e2e_downstream_coeff", "e2e_local_coeff"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.kl_coeff < 0:
+            raise ValueError(f"e2e_kl_coeff must be >= 0, got {self.e2e_kl_coeff}")
+        hooks = self.e2e_downstream_hooks
+        if isinstance(hooks, str) or not all(isinstance(h, str) and h for h in hooks):
+            raise ValueError(f"e2e_downstream_hooks must be a list of hook names, got {hooks!r}")
+        if len(set(hooks)) != len(hooks):
+            raise ValueError(f"e2e_downstream_hooks lists a hook point twice: {hooks}")
+        downstream = self.e2e_downstream_coeff if hooks else 0.0
+        if self.e2e and self.kl_coeff == 0 and downstream == 0 and self.e2e_local_coeff == 0:
+            raise ValueError(
+                "e2e_kl_coeff, the downstream term and e2e_local_coeff are all 0: nothing would tie the "
+                "SAE's reconstruction to the model"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> E2EConfig:
+        """Build from a dict: unknown keys are an error naming them; missing keys take defaults."""
+        return strict_from_dict(cls, data)
+
+
+_E2E_DEFAULTS = E2EConfig().to_dict()

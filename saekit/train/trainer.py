@@ -8,6 +8,11 @@ Resuming is exact: a checkpoint holds everything the remaining steps depend on (
 scheduler, batches consumed, dead-latent counters, RNG states, normalization scale), and the activation
 source is asked to skip the batches already consumed. A run killed at any moment and resumed ends with
 the same weights, bit for bit on CPU, as one that was never interrupted.
+
+An optional :class:`Objective` replaces the SAE's own loss by one computed from the whole batch, still
+without the trainer knowing what it is: the batch source then yields what the objective reads (token
+contexts for end-to-end training, ``saekit.train.e2e``), the objective turns each batch into the
+activations the SAE is trained on and adds its loss terms to the SAE's output.
 """
 
 from __future__ import annotations
@@ -19,11 +24,11 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from saekit.sae.base import SAE, StepContext
+from saekit.sae.base import SAE, SAEOutput, StepContext
 from saekit.train.checkpoint import (
     CHECKPOINT_NAME,
     arch_name,
@@ -40,8 +45,25 @@ from saekit.train.logging import MetricsLogger, read_metrics, truncate_metrics
 from saekit.train.plots import plot_training_curves
 from saekit.train.schedules import LRSchedule, sparsity_scale
 
-BatchSource = Callable[[int], Iterable[torch.Tensor]]
+BatchSource = Callable[[int], Iterable[Any]]
 EvalCallback = Callable[["Trainer", int], "dict[str, float] | None"]
+
+
+class Objective(Protocol):
+    """A loss computed from the whole batch rather than from the SAE's input alone (e.g. end to end)."""
+
+    def activations(self, batch: Any) -> torch.Tensor:
+        """The (N, d_in) raw activations of ``batch`` that the SAE reads (no gradient)."""
+        ...
+
+    def with_losses(self, batch: Any, out: SAEOutput, norm_scale: float) -> SAEOutput:
+        """``out`` (the SAE's output on ``norm_scale`` × those activations) with the loss terms to minimise
+        and any extra metrics. Called right after ``activations`` on the same batch."""
+        ...
+
+    def settings(self) -> dict[str, Any]:
+        """Plain values that determine the trained weights: a checkpoint resumes only under the same."""
+        ...
 
 
 class Trainer:
@@ -50,6 +72,7 @@ class Trainer:
     ``on_eval(trainer, step)`` is called every ``cfg.eval_every`` steps and after the last step; a dict it
     returns is logged with the keys prefixed by ``eval/``. Use :meth:`folded_sae` there to get an SAE that
     takes raw activations. ``sae_metadata`` (hook point, model, ...) is stored with the saved SAE.
+    ``objective`` (optional) supplies the loss instead of the SAE alone; see :class:`Objective`.
     """
 
     def __init__(
@@ -60,9 +83,11 @@ class Trainer:
         *,
         on_eval: EvalCallback | None = None,
         sae_metadata: dict[str, Any] | None = None,
+        objective: Objective | None = None,
     ):
         cfg.validate()
         self.sae, self.cfg, self.out_dir = sae, cfg, Path(out_dir)
+        self.objective = objective
         self.on_eval, self.sae_metadata = on_eval, dict(sae_metadata or {})
         self.device = next(sae.parameters()).device
         self.dtype = next(sae.parameters()).dtype
@@ -115,7 +140,7 @@ class Trainer:
             seed_everything(cfg.seed)
         # Steps after the checkpoint (or all, on a fresh start) are redone: drop their old records.
         truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
-        batches: Iterator[torch.Tensor] = iter(batch_source(self.batches_consumed))
+        batches: Iterator[Any] = iter(batch_source(self.batches_consumed))
         if not self.init_done:
             batches = self._init_from_data(batches)
         logger = MetricsLogger(
@@ -147,7 +172,7 @@ class Trainer:
                     continue
                 last = self.step + 1 == cfg.total_steps
                 log_now = (self.step + 1) % cfg.log_every == 0 or last
-                self._train_step(x, log_now)
+                self._train_step(x, log_now, raw)
                 if bar is not None:
                     bar.update(x.shape[0])
                 if log_now:
@@ -170,7 +195,7 @@ class Trainer:
             self.save_checkpoint()
         return self._write_outputs(stopped_early)
 
-    def _train_step(self, x: torch.Tensor, log_now: bool) -> None:
+    def _train_step(self, x: torch.Tensor, log_now: bool, batch: Any) -> None:
         sums = self.log_sums
         ctx = StepContext(
             sparsity_scale=sparsity_scale(self.step, self.cfg.sparsity_warmup_steps),
@@ -179,6 +204,8 @@ class Trainer:
             total_steps=self.cfg.total_steps,
         )
         out = self.sae(x, ctx)
+        if self.objective is not None:
+            out = self.objective.with_losses(batch, out, self.norm_scale)
         loss = out.loss
         if not torch.isfinite(loss).item():
             terms = {k: v.item() for k, v in out.losses.items()}
@@ -232,8 +259,12 @@ class Trainer:
             logger.log(record)
 
     # -- data -------------------------------------------------------------------------------------------
-    def _prepare(self, raw: torch.Tensor, index: int) -> torch.Tensor | None:
+    def _activations(self, batch: Any) -> torch.Tensor:
+        return batch if self.objective is None else self.objective.activations(batch)
+
+    def _prepare(self, batch: Any, index: int) -> torch.Tensor | None:
         """Check one raw batch, apply the NaN policy, move it to the SAE and scale it. None = nothing left."""
+        raw = self._activations(batch)
         if raw.ndim != 2 or raw.shape[1] != self.sae.d_in:
             raise ValueError(
                 f"batch {index} of the activation source has shape {tuple(raw.shape)}; "
@@ -242,10 +273,13 @@ class Trainer:
         good_N = torch.isfinite(raw).all(dim=1)
         n_bad = raw.shape[0] - int(good_N.sum())
         if n_bad:
-            if self.cfg.nan_policy == "error":
+            if self.cfg.nan_policy == "error" or self.objective is not None:
+                fix = "(set nan_policy='skip' to drop such rows)"
+                if self.objective is not None:
+                    fix = "(the objective uses each batch whole, so rows cannot be dropped)"
                 raise ValueError(
                     f"step {self.step + 1}: batch {index} of the activation source has {n_bad} of "
-                    f"{raw.shape[0]} rows with NaN or Inf (set nan_policy='skip' to drop such rows)"
+                    f"{raw.shape[0]} rows with NaN or Inf {fix}"
                 )
             self.rows_skipped += n_bad
             raw = raw[good_N]
@@ -254,19 +288,21 @@ class Trainer:
         x = raw.to(device=self.device, dtype=self.dtype, non_blocking=True)
         return x * self.norm_scale if self.norm_scale != 1.0 else x
 
-    def _init_from_data(self, batches: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    def _init_from_data(self, batches: Iterator[Any]) -> Iterator[Any]:
         """Estimate the norm scale and b_dec on the first batches, then give them back to be trained on."""
         n_batches = max(1, -(-self.cfg.init_tokens // self.cfg.batch_size))
         sample = list(itertools.islice(batches, n_batches))
         if not sample:
             raise ValueError("the activation source yielded no batches")
-        for i, b in enumerate(sample):
+        acts = [self._activations(b) for b in sample]
+        for i, b in enumerate(acts):
             if b.ndim != 2 or b.shape[1] != self.sae.d_in:
                 raise ValueError(
                     f"batch {i} of the activation source has shape {tuple(b.shape)}; "
                     f"expected (batch, {self.sae.d_in}) for this SAE"
                 )
-        rows = torch.cat([b.to(device=self.device, dtype=self.dtype) for b in sample])
+        rows = torch.cat([b.to(device=self.device, dtype=self.dtype) for b in acts])
+        del acts
         rows = rows[torch.isfinite(rows).all(dim=1)][: self.cfg.init_tokens]
         if rows.shape[0] == 0:
             raise ValueError("every row of the initial batches is NaN or Inf")
@@ -354,10 +390,20 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         """Write everything the remaining steps depend on to ``out_dir/checkpoint.pt`` (atomically)."""
-        atomic_torch_save(trainer_state(self), self.checkpoint_path)
+        state = trainer_state(self)
+        if self.objective is not None:
+            state["objective"] = self.objective.settings()
+        atomic_torch_save(state, self.checkpoint_path)
 
     def _resume(self) -> None:
-        restore_trainer(self, load_checkpoint(self.checkpoint_path), source=self.checkpoint_path)
+        state = load_checkpoint(self.checkpoint_path)
+        saved, now = state.get("objective"), None if self.objective is None else self.objective.settings()
+        if saved != now:
+            raise ValueError(
+                f"{self.checkpoint_path} was written with objective settings {saved}, but this run has "
+                f"{now}. Use the same settings to resume, or another out_dir to start afresh."
+            )
+        restore_trainer(self, state, source=self.checkpoint_path)
         self.resumed_from = self.step
 
 
