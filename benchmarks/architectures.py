@@ -6,7 +6,7 @@ main job's training settings, 8× wide, and evaluated by the train job's own eva
 (default WikiText-2 validation from the project's shared data): L0, centred FVU, and CE loss recovered with
 the SAE spliced into the model. The meta-SAE is trained on the TopK run's decoder rows and evaluated on
 them (it has no place in the model); the multi-layer SAE reads every layer, so it gets its own smaller
-cache of all layers.
+cache of three layers (5, 15, 25).
 
     python benchmarks/architectures.py [--tokens 100000] [--archs topk gated ...] [--json out.json]
 """
@@ -90,8 +90,14 @@ def main() -> None:
         out = work / arch
         if arch == "meta":
             extra = ["--base-sae", str(work / "topk")]
-        elif arch == "multilayer":
-            extra = ["--hook", "layers.*.resid_post", "--tokens", str(max(2_048, args.tokens // 30))]
+        elif arch == "multilayer":  # three layers (every layer's evaluation would take an hour on CPU)
+            extra = [a for layer in (5, 15, 25) for a in ("--hook", f"layers.{layer}.resid_post")]
+        elif arch == "tree_given":  # a fixed two-level tree: a quarter of the latents, three children each
+            width = 8 * 576
+            tree = work / "given_tree.json"
+            tree.parent.mkdir(parents=True, exist_ok=True)
+            tree.write_text(json.dumps([-1] * (width // 4) + [i // 3 for i in range(width - width // 4)]))
+            extra = ["--cache", str(cache_dir), "--parents-file", str(tree)]
         else:
             extra = ["--cache", str(cache_dir), *ARCH_OPTIONS.get(arch, [])]
         print(f"\n== {arch} {' '.join(extra)} ==", flush=True)

@@ -60,7 +60,7 @@ from torch import nn
 
 from .base import SAE, SAEConfig, SAEOutput, StepContext, register
 from .common import (
-    auxk_loss,
+    auxk_term,
     coo_to_dense,
     jumprelu,
     mse,
@@ -270,15 +270,8 @@ class ArchetypalSAE(SAE):
             return SAEOutput(x_hat_ND, f_NM, losses, {"l0": l0_mean.item()})
         rows, cols, vals = topk_to_coo(*topk_relu(pre_NM, self.cfg.k))
         x_hat_ND = sparse_decode(rows, cols, vals, x_ND.shape[0], D_MD) + self.b_dec
-        losses = {"recon": mse(x_ND, x_hat_ND)}
-        if self.cfg.aux_coeff > 0:
-            k_aux = self.cfg.k_aux if self.cfg.k_aux is not None else max(1, self.cfg.d_in // 2)
-            dead_M = ctx.dead_mask
-            aux = (
-                pre_NM.new_zeros(())
-                if dead_M is None
-                else auxk_loss(pre_NM, dead_M, x_ND - x_hat_ND, D_MD, k_aux)
-            )
-            losses["auxk"] = self.cfg.aux_coeff * aux
+        k_aux = self.cfg.k_aux if self.cfg.k_aux is not None else max(1, self.cfg.d_in // 2)
+        aux = auxk_term(self.cfg.aux_coeff, pre_NM, ctx.dead_mask, x_ND - x_hat_ND, D_MD, k_aux)
+        losses = {"recon": mse(x_ND, x_hat_ND), **aux}
         f_NM = coo_to_dense(rows, cols, vals, pre_NM.shape)
         return SAEOutput(x_hat_ND, f_NM, losses, {"l0": (vals > 0).sum().item() / x_ND.shape[0]})

@@ -141,6 +141,23 @@ def auxk_loss(
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), num.new_zeros(()))
 
 
+def auxk_term(
+    coeff: float,
+    pre_NM: torch.Tensor,
+    dead_M: torch.Tensor | None,
+    residual_ND: torch.Tensor,
+    W_dec_MD: torch.Tensor,
+    k_aux: int,
+) -> dict[str, torch.Tensor]:
+    """The loss entry ``{"auxk": coeff · auxk_loss(...)}`` of an architecture with AuxK: empty when
+    ``coeff`` is 0, and zero until the trainer reports dead latents (``dead_M`` None)."""
+    if coeff <= 0:
+        return {}
+    if dead_M is None:
+        return {"auxk": pre_NM.new_zeros(())}
+    return {"auxk": coeff * auxk_loss(pre_NM, dead_M, residual_ND, W_dec_MD, k_aux)}
+
+
 # -- straight-through estimators (JumpReLU, spec §2.3) -------------------------------------------------
 def rectangle(u: torch.Tensor) -> torch.Tensor:
     """Rectangle kernel K(u) = 1[-1/2 < u < 1/2] (as ``u``'s dtype)."""

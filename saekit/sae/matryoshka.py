@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from .base import SAEOutput, StepContext, register
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
-from .common import auxk_loss, coo_to_dense, sparse_decode
+from .common import coo_to_dense, sparse_decode
 
 
 @dataclass
@@ -194,13 +194,11 @@ class MatryoshkaSAE(BatchTopKSAE):
         if self.cfg.bias_level:
             mse_L = torch.cat([(x_ND - self.b_dec).pow(2).mean()[None], mse_L])
         x_hat_ND = x_hat_LND[-1]
-        losses = {"recon": (self.level_weights(len(mse_L)).to(mse_L) * mse_L).sum()}
-        if self.cfg.aux_coeff > 0:
-            if ctx.dead_mask is None:
-                aux = pre_NM.new_zeros(())
-            else:
-                aux = auxk_loss(pre_NM, ctx.dead_mask, x_ND - x_hat_ND, self.W_dec, self.cfg.k_aux_resolved)
-            losses["auxk"] = self.cfg.aux_coeff * aux
+        recon = (self.level_weights(len(mse_L)).to(mse_L) * mse_L).sum()
+        losses = {
+            "recon": recon,
+            **self.auxk(pre_NM, ctx, x_ND - x_hat_ND),
+        }
         metrics: dict = {"l0": (vals > 0).sum().detach() / n}
         if self.cfg.prefixes == "groups":  # fixed names only: the trainer averages metrics by name
             per_prefix = zip(ends_L.tolist(), mse_L[-len(ends_L) :].detach(), strict=True)

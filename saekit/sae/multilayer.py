@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from .base import SAE, SAEOutput, StepContext, register
-from .common import UnitNormDecoder, auxk_loss, coo_to_dense, sparse_decode, tied_init, topk_relu, topk_to_coo
+from .common import UnitNormDecoder, auxk_term, coo_to_dense, sparse_decode, tied_init, topk_relu, topk_to_coo
 from .topk import TopKConfig
 
 STD_EPS = 1e-5
@@ -128,13 +128,10 @@ class MultiLayerSAE(UnitNormDecoder, SAE):
         x_LnD, x_hat_LnD = x_ND.reshape(n_layers, -1, self.d_in), x_hat_ND.reshape(n_layers, -1, self.d_in)
         mse_L = (x_LnD - x_hat_LnD).pow(2).mean(dim=(1, 2))
         fvu_L = mse_L / x_LnD.flatten(1).var(dim=1).clamp_min(torch.finfo(x_ND.dtype).tiny)
-        losses = {"recon": fvu_L.mean()}
-        if self.cfg.aux_coeff > 0:
-            if ctx.dead_mask is None:
-                aux = pre_NM.new_zeros(())
-            else:
-                aux = auxk_loss(pre_NM, ctx.dead_mask, z_ND - z_hat_ND, self.W_dec, self.cfg.k_aux_resolved)
-            losses["auxk"] = self.cfg.aux_coeff * aux
+        aux = auxk_term(
+            self.cfg.aux_coeff, pre_NM, ctx.dead_mask, z_ND - z_hat_ND, self.W_dec, self.cfg.k_aux_resolved
+        )
+        losses = {"recon": fvu_L.mean(), **aux}
         metrics = {"l0": (vals > 0).sum().item() / n_rows}
         if n_layers > 1:
             metrics |= {f"fvu_layer{i}": v for i, v in enumerate(fvu_L.detach().tolist())}

@@ -53,7 +53,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .base import SAEOutput, StepContext, register
-from .common import auxk_loss, sparse_decode, sse, topk_to_coo
+from .common import auxk_term, sparse_decode, sse, topk_to_coo
 from .topk import TopKConfig, TopKSAE
 
 
@@ -249,13 +249,12 @@ class SoftTopKSAE(TopKSAE):
             f_NM = z_NM * lapsum_topk(z_NM, k_hat_N, alpha)
             x_hat_ND = self.decode(f_NM)
             k_loss = cfg.k_coeff * F.softplus(k_hat_N.mean() - k_t, beta=cfg.k_beta)
-        losses = {"recon": sse(x_ND, x_hat_ND), "k_penalty": k_loss}
-        if cfg.aux_coeff > 0:
-            if ctx.dead_mask is None:
-                aux = pre_NM.new_zeros(())
-            else:
-                aux = auxk_loss(pre_NM, ctx.dead_mask, x_ND - x_hat_ND, self.W_dec, cfg.k_aux_resolved)
-            losses["auxk"] = cfg.aux_coeff * aux
+        residual_ND = x_ND - x_hat_ND
+        losses = {
+            "recon": sse(x_ND, x_hat_ND),
+            "k_penalty": k_loss,
+            **auxk_term(cfg.aux_coeff, pre_NM, ctx.dead_mask, residual_ND, self.W_dec, cfg.k_aux_resolved),
+        }
         k_hat = k_hat_N.detach()
         metrics = {
             "k_hat_mean": k_hat.mean(),

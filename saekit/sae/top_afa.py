@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import SAE, SAEConfig, SAEOutput, StepContext, register
-from .common import UnitNormDecoder, auxk_loss, mse, tied_init
+from .common import UnitNormDecoder, auxk_term, mse, tied_init
 
 
 @dataclass
@@ -121,12 +121,11 @@ class TopAFASAE(UnitNormDecoder, SAE):
         f_NM = self._select(x_ND, pre_NM)
         x_hat_ND = self.decode(f_NM)
         norm_gap_N = f_NM.norm(dim=-1) - x_ND.norm(dim=-1)
-        losses = {"recon": mse(x_ND, x_hat_ND), "afa": self.cfg.afa_coeff * norm_gap_N.pow(2).mean()}
-        if self.cfg.aux_coeff > 0:
-            if ctx.dead_mask is None:
-                aux = pre_NM.new_zeros(())
-            else:
-                aux = auxk_loss(pre_NM, ctx.dead_mask, x_ND - x_hat_ND, self.W_dec, self.cfg.k_aux)
-            losses["auxk"] = self.cfg.aux_coeff * aux
+        cfg = self.cfg
+        losses = {
+            "recon": mse(x_ND, x_hat_ND),
+            "afa": cfg.afa_coeff * norm_gap_N.pow(2).mean(),
+            **auxk_term(cfg.aux_coeff, pre_NM, ctx.dead_mask, x_ND - x_hat_ND, self.W_dec, cfg.k_aux),
+        }
         metrics = {"l0": (f_NM != 0).sum(dim=-1).float().mean().detach()}
         return SAEOutput(x_hat_ND, f_NM, losses, metrics)

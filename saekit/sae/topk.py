@@ -26,7 +26,7 @@ from torch import nn
 from .base import SAE, SAEConfig, SAEOutput, StepContext, register
 from .common import (
     UnitNormDecoder,
-    auxk_loss,
+    auxk_term,
     coo_to_dense,
     mse,
     sparse_decode,
@@ -79,6 +79,13 @@ class TopKSAE(UnitNormDecoder, SAE):
         """Training-time selection as row-sorted COO (rows, cols, vals). BatchTopK overrides this."""
         return topk_to_coo(*topk_relu(pre_NM, self.cfg.k))
 
+    def auxk(
+        self, pre_NM: torch.Tensor, ctx: StepContext, residual_ND: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """AuxK's loss entry (:func:`~saekit.sae.common.auxk_term`) with this SAE's settings."""
+        cfg = self.cfg
+        return auxk_term(cfg.aux_coeff, pre_NM, ctx.dead_mask, residual_ND, self.W_dec, cfg.k_aux_resolved)
+
     def encode(self, x_ND: torch.Tensor) -> torch.Tensor:
         pre_NM = self.pre_acts(x_ND)
         vals_NK, idx_NK = topk_relu(pre_NM, self.cfg.k)
@@ -93,12 +100,9 @@ class TopKSAE(UnitNormDecoder, SAE):
         rows, cols, vals = self.select(pre_NM)
         x_hat_ND = sparse_decode(rows, cols, vals, x_ND.shape[0], self.W_dec) + self.b_dec
         f_NM = coo_to_dense(rows, cols, vals, pre_NM.shape)
-        losses = {"recon": mse(x_ND, x_hat_ND)}
-        if self.cfg.aux_coeff > 0:
-            if ctx.dead_mask is None:
-                aux = pre_NM.new_zeros(())
-            else:
-                aux = auxk_loss(pre_NM, ctx.dead_mask, x_ND - x_hat_ND, self.W_dec, self.cfg.k_aux_resolved)
-            losses["auxk"] = self.cfg.aux_coeff * aux
+        losses = {
+            "recon": mse(x_ND, x_hat_ND),
+            **self.auxk(pre_NM, ctx, x_ND - x_hat_ND),
+        }
         metrics = {"l0": (vals > 0).sum().item() / x_ND.shape[0]}
         return SAEOutput(x_hat_ND, f_NM, losses, metrics)
