@@ -12,13 +12,13 @@ Three edits, composable in one :func:`intervene` block:
 Ablate and clamp act on the code f = encode(x). With ``keep_error=True`` (the default) the SAE's error
 term is kept, so downstream computation sees exactly what the edit changes and nothing else:
 
-    out = x̂(f') + (x − x̂(f)),   computed as   out = x + (f' − f)[:, S] W_dec[S]
+    out = x̂(f') + (x − x̂(f)),   computed as   out = x + (x̂(f') − x̂(f))
 
-where S is the set of edited latents (every saekit decoder is affine, x̂ = f W_dec + b_dec, so the two are
-equal). With no edit, or at a position where the edited latents already had their new values, ``out`` is
-``x`` bit for bit. With ``keep_error=False`` the hook output is the SAE's reconstruction x̂(f') itself, as in
-the CE-loss-recovered evaluation. Ablating or clamping edits the code; it does not re-run the encoder's
-selection (a TopK SAE does not promote the (k+1)-th latent in place of an ablated one).
+(at the positions whose edited latents change). With no edit, or at a position where the edited latents
+already had their new values, ``out`` is ``x`` bit for bit. With ``keep_error=False`` the hook output is
+the SAE's reconstruction x̂(f') itself, as in the CE-loss-recovered evaluation. Ablating or clamping edits
+the code; it does not re-run the encoder's selection (a TopK SAE does not promote the (k+1)-th latent in
+place of an ablated one).
 
 Which positions are edited: as in training and evaluation (:mod:`saekit.eval.splice`), positions holding
 special tokens (BOS, EOS, ...) and attention sinks (activation norm above ``outlier_factor`` × the typical
@@ -109,13 +109,16 @@ def edit_activations(sae: nn.Module, x_ND: torch.Tensor, edit: Edit) -> torch.Te
         out = sae.decode(f_NM)
     elif codes:
         ids = list(codes)
-        f_NS = sae.encode(x)[:, ids]
-        new_S = torch.tensor([codes[i] for i in ids], dtype=f_NS.dtype, device=f_NS.device)
-        d_NS = new_S - f_NS
-        changed_N = (d_NS != 0).any(-1)
+        f_NM = sae.encode(x)
+        edited_NM = f_NM.clone()
+        for i, v in codes.items():
+            edited_NM[:, i] = v
+        changed_N = (edited_NM[:, ids] != f_NM[:, ids]).any(-1)
         out = x.clone()
-        # Only rows whose code changed are touched, so every other row stays bitwise equal to x.
-        out[changed_N] = x[changed_N] + d_NS[changed_N] @ W_dec[ids]
+        # decode, not (f' − f) W_dec: the multi-layer SAE's decoder also scales per token. Only rows whose
+        # code changed are touched, so every other row stays bitwise equal to x.
+        delta_ND = sae.decode(edited_NM) - sae.decode(f_NM)
+        out[changed_N] = x[changed_N] + delta_ND[changed_N]
     else:
         out = x
     vec = steering_vector(sae, edit.steer)
