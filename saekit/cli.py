@@ -10,8 +10,10 @@ from pathlib import Path
 
 from saekit import __version__
 from saekit.analysis.features import FeatureConfig
+from saekit.bench.synthetic import add_synthetic_parser, cmd_bench_synthetic
 from saekit.config import add_dataclass_args, dataclass_from_args, load_config_file
 from saekit.jobs import DEFAULT_OUTLIER_FACTOR, EvalConfig, ExtractConfig
+from saekit.sweep import add_sweep_parser, cmd_sweep
 from saekit.train_job import DEFAULT_RUN_DIR, DEFAULT_TOKENS
 
 
@@ -180,6 +182,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     add_dataclass_args(p.add_argument_group("records (when computed)"), FeatureConfig)
 
+    add_sweep_parser(sub)
+    bench = sub.add_parser("bench", help="benchmarks (bench synthetic: ground-truth feature recovery)")
+    add_synthetic_parser(bench.add_subparsers(dest="bench", required=True, metavar="BENCH"))
     sub.add_parser("archs", help="list the SAE architectures and their options' defaults")
     return parser
 
@@ -420,6 +425,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
+    "sweep": cmd_sweep,
+    "bench": cmd_bench_synthetic,
     "features": cmd_features,
     "report": cmd_report,
     "cache": cmd_cache,

@@ -35,8 +35,8 @@ Choices and defaults (the spec's, unless noted):
   b_router both at the trainer's centre (geometric median) in ``init_from_data``.
 * Decoder rows unit-norm (constraint hooks). The reference also clips gradients at norm 1 and uses
   lr = 2e-4/√(M/2¹⁴); both are trainer settings (``grad_clip``, ``lr``), not part of this module.
-* Latents must stay in their expert blocks: a latent permutation (``saekit.eval.progressive``'s
-  ``permute_latents``) keeps the SAE's function only if it maps every block onto itself.
+* Latents must stay in their expert blocks, so ``permutable_latents`` is False and
+  ``saekit.eval.progressive.permute_latents`` refuses to reorder them (truncation needs no reordering).
 * Variants of the reference not implemented: ``switch1on`` (one always-on expert), ``moe`` (top-e experts).
 """
 
