@@ -67,6 +67,7 @@ from .common import (
     sparse_decode,
     sse,
     step,
+    topk_code,
     topk_relu,
     topk_to_coo,
     unit_rows,
@@ -251,8 +252,7 @@ class ArchetypalSAE(SAE):
         pre_NM = self.pre_acts(x_ND)
         if self.cfg.encoder == "jumprelu":
             return pre_NM * (pre_NM > self.log_threshold.exp())
-        vals_NK, idx_NK = topk_relu(pre_NM, self.cfg.k)
-        return torch.zeros_like(pre_NM).scatter(-1, idx_NK, vals_NK)
+        return topk_code(pre_NM, self.cfg.k)
 
     def decode(self, f_NM: torch.Tensor) -> torch.Tensor:
         return f_NM @ self.W_dec + self.b_dec

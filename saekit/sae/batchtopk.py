@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import register
-from .common import batch_topk_relu, topk_relu
+from .common import batch_topk_relu, topk_code
 from .topk import TopKConfig, TopKSAE
 
 
@@ -62,6 +62,5 @@ class BatchTopKSAE(TopKSAE):
     def encode(self, x_ND: torch.Tensor) -> torch.Tensor:
         pre_NM = self.pre_acts(x_ND)
         if self.threshold.item() < 0:
-            vals_NK, idx_NK = topk_relu(pre_NM, self.cfg.k)
-            return torch.zeros_like(pre_NM).scatter(-1, idx_NK, vals_NK)
+            return topk_code(pre_NM, self.cfg.k)
         return pre_NM * (pre_NM > self.threshold.to(pre_NM.dtype))

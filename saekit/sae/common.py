@@ -76,6 +76,12 @@ def topk_relu(pre_NM: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return F.relu(vals_NK), idx_NK
 
 
+def topk_code(pre_NM: torch.Tensor, k: int) -> torch.Tensor:
+    """The dense (N, M) code of :func:`topk_relu`: the per-token top-k after ReLU, zeros elsewhere."""
+    vals_NK, idx_NK = topk_relu(pre_NM, k)
+    return torch.zeros_like(pre_NM).scatter(-1, idx_NK, vals_NK)
+
+
 def batch_topk_relu(pre_NM: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BatchTopK selection (Bussmann et al.): the top ``k * N`` entries of the flattened (N, M) matrix,
     then ReLU. Returns COO ``(rows, cols, vals)`` sorted by row, ready for :func:`sparse_decode`."""

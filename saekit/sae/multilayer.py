@@ -45,7 +45,16 @@ import torch
 from torch import nn
 
 from .base import SAE, SAEOutput, StepContext, register
-from .common import UnitNormDecoder, auxk_term, coo_to_dense, sparse_decode, tied_init, topk_relu, topk_to_coo
+from .common import (
+    UnitNormDecoder,
+    auxk_term,
+    coo_to_dense,
+    sparse_decode,
+    tied_init,
+    topk_code,
+    topk_relu,
+    topk_to_coo,
+)
 from .topk import TopKConfig
 
 STD_EPS = 1e-5
@@ -100,8 +109,7 @@ class MultiLayerSAE(UnitNormDecoder, SAE):
         z_ND, stats = standardize(x_ND, self.eps)
         self._stats = (stats[0].detach(), stats[1].detach())
         pre_NM = self.pre_acts(z_ND)
-        vals_NK, idx_NK = topk_relu(pre_NM, self.cfg.k)
-        return torch.zeros_like(pre_NM).scatter(-1, idx_NK, vals_NK)
+        return topk_code(pre_NM, self.cfg.k)
 
     def decode(self, f_NM: torch.Tensor, stats: Stats | None = None) -> torch.Tensor:
         """x̂ = σ (f W_dec + b_pre) + μ, with (μ, σ) = ``stats`` or those of the rows last encoded."""

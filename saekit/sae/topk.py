@@ -31,6 +31,7 @@ from .common import (
     mse,
     sparse_decode,
     tied_init,
+    topk_code,
     topk_relu,
     topk_to_coo,
 )
@@ -88,8 +89,7 @@ class TopKSAE(UnitNormDecoder, SAE):
 
     def encode(self, x_ND: torch.Tensor) -> torch.Tensor:
         pre_NM = self.pre_acts(x_ND)
-        vals_NK, idx_NK = topk_relu(pre_NM, self.cfg.k)
-        return torch.zeros_like(pre_NM).scatter(-1, idx_NK, vals_NK)
+        return topk_code(pre_NM, self.cfg.k)
 
     def decode(self, f_NM: torch.Tensor) -> torch.Tensor:
         return f_NM @ self.W_dec + self.b_dec
