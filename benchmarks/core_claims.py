@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from saekit.activations import open_cache
-from saekit.eval.metrics import ReconstructionStats
+from saekit.eval.metrics import sae_reconstruction
 from saekit.jobs import ExtractConfig, run_cache
 from saekit.sae import get_architecture
 from saekit.train import TrainConfig, Trainer
@@ -87,12 +87,7 @@ def train(arch: str, sae_opts: dict, x_source, d_in: int, args, out: Path):
 
 @torch.no_grad()
 def evaluate(sae, x_ND: np.ndarray) -> dict:
-    stats = ReconstructionStats()
-    for start in range(0, len(x_ND), 4096):
-        x = torch.from_numpy(x_ND[start : start + 4096])
-        f = sae.encode(x)
-        stats.update(x, sae.decode(f), f)
-    r = stats.result()
+    r = sae_reconstruction(sae, torch.from_numpy(x_ND))
     return {k: r[k] for k in ("l0", "fvu", "relative_reconstruction_bias", "dead_fraction")}
 
 

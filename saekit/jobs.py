@@ -242,14 +242,11 @@ def evaluate_rows(sae, rows: torch.Tensor | np.ndarray, *, what: str, batch_size
     """Reconstruction metrics of ``sae`` on in-memory rows (an SAE trained on its own rows: no model, no
     splice), as an ``EvalResult`` so it prints and saves like any evaluation."""
     from saekit.eval.evaluate import EvalResult
-    from saekit.eval.metrics import ReconstructionStats
+    from saekit.eval.metrics import sae_reconstruction
 
     start = time.perf_counter()
     rows = torch.as_tensor(rows).detach().to(next(sae.parameters()))
-    stats = ReconstructionStats(center=rows.mean(dim=0))
-    for x_ND in rows.split(batch_size):
-        f_NM = sae.encode(x_ND)
-        stats.update(x_ND, sae.decode(f_NM), f_NM)
+    reconstruction = sae_reconstruction(sae, rows, batch_size=batch_size, center=rows.mean(dim=0))
     return EvalResult(
         model="-",
         hook="-",
@@ -257,7 +254,7 @@ def evaluate_rows(sae, rows: torch.Tensor | np.ndarray, *, what: str, batch_size
         n_tokens=rows.shape[0],
         splice_mode="none",
         ablation="-",
-        reconstruction=stats.result(),
+        reconstruction=reconstruction,
         splice=None,
         sae={"arch": sae.arch, "d_in": sae.d_in, "width": sae.width},
         settings={"batch_size": batch_size},

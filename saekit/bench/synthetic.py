@@ -25,7 +25,7 @@ length (first at 1/12 of the steps, at most every 1/3, root reset at 3/4).
 Scores on the held-out rows, with b(j) = argmax_i cos(g_j, W_dec,i) the best latent of true feature j:
 
 * MMCS = mean_j max_i cos(g_j, W_dec,i); recovered = share of j with max_i cos ≥ 0.9 (Sharkey et al. 2022);
-* FVU (centred), L0 and dead = share of latents that never fire (:class:`ReconstructionStats`);
+* FVU (centred), L0 and dead = share of latents that never fire (:mod:`saekit.eval.metrics`);
 * hierarchical data, Matryoshka (first group = latents before the first group end) and Tree (first group =
   layer 0): the share of true parents p with b(p) in the first group, and of true children c with b(c)
   after it;
@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from saekit.config import add_dataclass_args, dataclass_from_args, field_docs
-from saekit.eval.metrics import ReconstructionStats
+from saekit.eval.metrics import sae_reconstruction
 from saekit.eval.synthetic import hierarchical_activations, mmcs, recovered_fraction, synthetic_activations
 
 RECOVERED_COS = 0.9
@@ -317,11 +317,7 @@ def train(sae, cfg: SyntheticBenchConfig, train_ND: torch.Tensor, out_dir: Path)
 @torch.no_grad()
 def evaluate(sae, x_ND: torch.Tensor, dirs_FD: torch.Tensor, parent_F: torch.Tensor) -> dict[str, Any]:
     """Recovery, reconstruction and (hierarchical data) nesting scores of ``sae`` on held-out rows."""
-    stats = ReconstructionStats()
-    for x_BD in x_ND.split(4_096):
-        f_BM = sae.encode(x_BD)
-        stats.update(x_BD, sae.decode(f_BM), f_BM)
-    rec = stats.result()
+    rec = sae_reconstruction(sae, x_ND)
     W_dec_MD = sae.W_dec
     scores: dict[str, Any] = {
         "mmcs": mmcs(W_dec_MD, dirs_FD),

@@ -179,7 +179,7 @@ def _context_batches(contexts: Iterable[torch.Tensor], n_tokens: int, batch_size
     return batches
 
 
-def _masks(
+def position_masks(
     ids_BT: torch.Tensor, act_BTD: torch.Tensor, special: torch.Tensor, opts: dict[str, Any]
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
     """(eval mask, splice mask, excluded counts) for one batch; see the module docstring."""
@@ -252,7 +252,7 @@ def evaluate_sae(
         total, count = 0.0, 0
         for ids in batches:
             act = forward_to_hooks(model, ids, [hook])[hook]
-            mask = _masks(ids, act, special, opts)[1]
+            mask = position_masks(ids, act, special, opts)[1]
             total = total + act[mask].double().sum(0)
             count += int(mask.sum())
         ablation_D = (total / max(count, 1)).float()
@@ -263,7 +263,7 @@ def evaluate_sae(
         with capture(model, [hook]) as acts:
             clean_logp = log_probs_(model(input_ids=ids, use_cache=False).logits)
         act_BTD = acts[hook]
-        eval_mask, splice_mask, counts = _masks(ids, act_BTD, special, opts)
+        eval_mask, splice_mask, counts = position_masks(ids, act_BTD, special, opts)
         for k, v in counts.items():
             excluded[k] += v
         f, x_hat = reconstruct(act_BTD[eval_mask])

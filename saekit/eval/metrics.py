@@ -269,3 +269,16 @@ class ReconstructionStats:
                 density_histogram=density_histogram(freqs, self.hist_edges),
             )
         return out
+
+
+@torch.no_grad()
+def sae_reconstruction(
+    sae: Any, x_ND: torch.Tensor, *, batch_size: int = 4096, center: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """:meth:`ReconstructionStats.result` of ``sae`` (its ``encode``/``decode``) on in-memory rows, encoded
+    ``batch_size`` rows at a time (the result does not depend on the split)."""
+    stats = ReconstructionStats(center=center)
+    for xb_ND in x_ND.split(batch_size):
+        f_NM = sae.encode(xb_ND)
+        stats.update(xb_ND, sae.decode(f_NM), f_NM)
+    return stats.result()

@@ -71,7 +71,7 @@ def prediction_mask(input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor 
     return am[:, :-1] & am[:, 1:]
 
 
-def _replace_fn(mask_BT: torch.Tensor, values: SaeFn) -> Callable[[torch.Tensor], torch.Tensor]:
+def replace_fn(mask_BT: torch.Tensor, values: SaeFn) -> Callable[[torch.Tensor], torch.Tensor]:
     """A splice function that writes ``values(act[mask])`` at the masked positions and keeps the rest."""
 
     def fn(act_BTD: torch.Tensor) -> torch.Tensor:
@@ -171,7 +171,7 @@ class FidelityStats:
             return ablation_D.to(act_KD).expand_as(act_KD)
 
         for name, values in (("sae", sae_fn), ("ablation", ablate)):
-            with splice(model, hook, _replace_fn(mask_BT, values)):
+            with splice(model, hook, replace_fn(mask_BT, values)):
                 other_logp_BTV = log_probs_(_logits(model, input_ids_BT, attention_mask_BT))
             self.sums[f"ce_{name}"] += ce_sum(other_logp_BTV, input_ids_BT, pred)
             self.sums[f"kl_{name}"] += kl_sum(clean_logp_BTV, other_logp_BTV, pred)

@@ -54,21 +54,44 @@ def synthetic_activations(
     """
     if n_samples <= 0 or d <= 0 or n_features <= 0:
         raise ValueError(f"n_samples, d and n_features must be positive, got {n_samples}, {d}, {n_features}")
+    _check_magnitudes_and_noise(magnitude_range, noise_std)
+    if exponent < 0:
+        raise ValueError(f"exponent must be >= 0, got {exponent}")
+    gen = torch.Generator().manual_seed(_SEED_SALT + seed)
+    dirs_FD = _unit_directions(n_features, d, gen)
+    p_F = firing_probabilities(n_features, avg_active, exponent)
+    fires_NF = torch.rand(n_samples, n_features, generator=gen) < p_F
+    return _compose(fires_NF, dirs_FD, magnitude_range, noise_std, gen), dirs_FD
+
+
+def _check_magnitudes_and_noise(magnitude_range: tuple[float, float], noise_std: float) -> None:
     lo, hi = magnitude_range
     if not 0 <= lo <= hi:
         raise ValueError(f"magnitude_range must satisfy 0 <= low <= high, got {magnitude_range}")
-    if exponent < 0 or noise_std < 0:
-        raise ValueError(f"exponent and noise_std must be >= 0, got {exponent}, {noise_std}")
-    gen = torch.Generator().manual_seed(_SEED_SALT + seed)
-    dirs_FD = torch.randn(n_features, d, generator=gen)
-    dirs_FD /= dirs_FD.norm(dim=1, keepdim=True)
-    p_F = firing_probabilities(n_features, avg_active, exponent)
-    fires_NF = torch.rand(n_samples, n_features, generator=gen) < p_F
-    mags_NF = lo + (hi - lo) * torch.rand(n_samples, n_features, generator=gen)
+    if noise_std < 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+
+
+def _unit_directions(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
+    """(n, d) Gaussian directions normalised to unit length (in general position)."""
+    dirs = torch.randn(n, d, generator=gen)
+    return dirs / dirs.norm(dim=1, keepdim=True)
+
+
+def _compose(
+    fires_NF: torch.Tensor,
+    dirs_FD: torch.Tensor,
+    magnitude_range: tuple[float, float],
+    noise_std: float,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """x = Σ_j m_j · 1[fires_j] · g_j with m_j uniform in ``magnitude_range``, plus Gaussian noise."""
+    lo, hi = magnitude_range
+    mags_NF = lo + (hi - lo) * torch.rand(fires_NF.shape, generator=gen)
     x_ND = (fires_NF * mags_NF) @ dirs_FD
     if noise_std > 0:
-        x_ND += noise_std * torch.randn(n_samples, d, generator=gen)
-    return x_ND, dirs_FD
+        x_ND += noise_std * torch.randn(x_ND.shape, generator=gen)
+    return x_ND
 
 
 def _best_cosines(W_dec_MD: torch.Tensor, true_dirs_FD: torch.Tensor) -> torch.Tensor:
@@ -121,21 +144,14 @@ def hierarchical_activations(
         raise ValueError("n_samples, d, n_parents and children_per_parent must be positive")
     if not (0 < parent_prob <= 1 and 0 < child_prob <= 1):
         raise ValueError(f"probabilities must be in (0, 1], got {parent_prob}, {child_prob}")
-    lo, hi = magnitude_range
-    if not 0 <= lo <= hi:
-        raise ValueError(f"magnitude_range must satisfy 0 <= low <= high, got {magnitude_range}")
+    _check_magnitudes_and_noise(magnitude_range, noise_std)
     n_children = n_parents * children_per_parent
     gen = torch.Generator().manual_seed(_SEED_SALT + seed)
-    dirs_FD = torch.randn(n_parents + n_children, d, generator=gen)
-    dirs_FD /= dirs_FD.norm(dim=1, keepdim=True)
+    dirs_FD = _unit_directions(n_parents + n_children, d, gen)
     parent_of_child = torch.arange(n_parents).repeat_interleave(children_per_parent)
     parent_F = torch.cat([torch.full((n_parents,), -1), parent_of_child])
     parents_NP = torch.rand(n_samples, n_parents, generator=gen) < parent_prob
     children_NC = torch.rand(n_samples, n_children, generator=gen) < child_prob
     children_NC &= parents_NP[:, parent_of_child]
     fires_NF = torch.cat([parents_NP, children_NC], dim=1)
-    mags_NF = lo + (hi - lo) * torch.rand(n_samples, n_parents + n_children, generator=gen)
-    x_ND = (fires_NF * mags_NF) @ dirs_FD
-    if noise_std > 0:
-        x_ND += noise_std * torch.randn(n_samples, d, generator=gen)
-    return x_ND, dirs_FD, parent_F
+    return _compose(fires_NF, dirs_FD, magnitude_range, noise_std, gen), dirs_FD, parent_F

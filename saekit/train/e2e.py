@@ -48,8 +48,8 @@ import torch.nn.functional as F
 
 from saekit.activations.extract import DEFAULT_OUTLIER_FACTOR
 from saekit.data import iter_texts, pack_contexts, special_token_ids
-from saekit.eval.evaluate import _masks
-from saekit.eval.splice import _replace_fn, log_probs_
+from saekit.eval.evaluate import position_masks
+from saekit.eval.splice import log_probs_, replace_fn
 from saekit.models.hooks import capture, hook_layer, splice, validate_hooks
 from saekit.sae.base import SAEOutput
 from saekit.train.config import E2EConfig
@@ -155,7 +155,7 @@ class E2EObjective:
             "exclude_special": True,
             "splice_special": self.splice_special,
         }
-        _, mask_BT, _ = _masks(ids, act_BTD, special, opts)
+        _, mask_BT, _ = position_masks(ids, act_BTD, special, opts)
         downstream = {h: acts[h] for h in self.downstream}
         return _CleanRun(ids_BT, mask_BT, act_BTD[mask_BT], log_probs_(logits_BTV), downstream)
 
@@ -206,7 +206,7 @@ class E2EObjective:
             return keep
 
         with contextlib.ExitStack() as stack:
-            stack.enter_context(splice(self.model, self.hook, _replace_fn(clean.mask_BT, lambda _: x_hat_KD)))
+            stack.enter_context(splice(self.model, self.hook, replace_fn(clean.mask_BT, lambda _: x_hat_KD)))
             for h in self.downstream:
                 stack.enter_context(splice(self.model, h, record(h)))
             logits_BTV = self.model(input_ids=clean.ids_BT.to(self.device), use_cache=False).logits
