@@ -41,6 +41,18 @@ def test_selection_is_over_the_batch_and_sets_threshold():
     assert sae.threshold.item() == pytest.approx(0.99 * 0.5 + 0.01 * 1.5)
 
 
+def test_threshold_is_the_plain_mean_of_batch_minima_over_the_final_window():
+    sae = _identity_sae(k=1, threshold_lr=0.5)  # window: last 0.1 · 20 = 2 steps (18 and 19)
+    mins = [4.0, 1.0, 2.0, 3.0]  # each batch's smallest kept activation (one token, k = 1)
+    steps = [0, 1, 18, 19]
+    for m, step in zip(mins, steps, strict=True):
+        sae(torch.tensor([[m, 0.0, 0.0]]), StepContext(step=step, total_steps=20))
+        if step == 1:
+            assert sae.threshold.item() == pytest.approx(0.5 * 4.0 + 0.5 * 1.0)  # EMA before the window
+    assert sae.threshold.item() == pytest.approx((2.0 + 3.0) / 2)  # the window forgets what came before
+    assert sae.threshold_rate(StepContext(step=19, total_steps=0)) == 0.5  # unknown run length: EMA only
+
+
 def test_threshold_not_updated_in_eval_mode_or_from_empty_selection():
     sae = _identity_sae(k=1)
     sae.eval()
@@ -99,7 +111,9 @@ def test_fold_input_scale_is_exact_and_keeps_threshold():
     assert sae.threshold.item() == pytest.approx(0.2)
 
 
-@pytest.mark.parametrize("kw", [{"threshold_lr": 0.0}, {"threshold_lr": 1.5}, {"k": 100}])
+@pytest.mark.parametrize(
+    "kw", [{"threshold_lr": 0.0}, {"threshold_lr": 1.5}, {"k": 100}, {"threshold_final_fraction": 1.5}]
+)
 def test_validation(kw):
     with pytest.raises(ValueError):
         BatchTopKConfig(**{"d_in": 4, "width": 8, "k": 2, **kw}).validate()

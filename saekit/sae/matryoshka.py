@@ -187,7 +187,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         ctx = ctx or StepContext()
         n = x_ND.shape[0]
         pre_NM = self.pre_acts(x_ND)
-        rows, cols, vals = self.select(pre_NM)  # BatchTopK over all latents; updates θ in train()
+        rows, cols, vals = self.select(pre_NM, ctx)  # BatchTopK over all latents; updates θ in train()
         ends_L = self.prefix_ends()
         x_hat_LND = self.prefix_reconstructions(rows, cols, vals, n, ends_L)
         mse_L = (x_hat_LND - x_ND).pow(2).mean(dim=(1, 2))

@@ -76,7 +76,9 @@ class TopKSAE(UnitNormDecoder, SAE):
     def pre_acts(self, x_ND: torch.Tensor) -> torch.Tensor:
         return (x_ND - self.b_dec) @ self.W_enc + self.b_enc
 
-    def select(self, pre_NM: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def select(
+        self, pre_NM: torch.Tensor, ctx: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training-time selection as row-sorted COO (rows, cols, vals). BatchTopK overrides this."""
         return topk_to_coo(*topk_relu(pre_NM, self.cfg.k))
 
@@ -97,7 +99,7 @@ class TopKSAE(UnitNormDecoder, SAE):
     def forward(self, x_ND: torch.Tensor, ctx: StepContext | None = None) -> SAEOutput:
         ctx = ctx or StepContext()
         pre_NM = self.pre_acts(x_ND)
-        rows, cols, vals = self.select(pre_NM)
+        rows, cols, vals = self.select(pre_NM, ctx)
         x_hat_ND = sparse_decode(rows, cols, vals, x_ND.shape[0], self.W_dec) + self.b_dec
         f_NM = coo_to_dense(rows, cols, vals, pre_NM.shape)
         losses = {
