@@ -69,6 +69,16 @@ def test_loss_hand_computed():
     assert all(torch.isfinite(p.grad).all() for p in sae.parameters())
 
 
+def test_centred_afa_target_uses_the_norm_k_star_matches():
+    sae = _hand_sae()
+    sae.cfg.afa_target = "centred"
+    out = sae(HAND_X)
+    f_norms = [2.0, 3.0, 0.0, math.sqrt(17)]
+    xc_norms = [math.sqrt(13), math.sqrt(9.25), math.sqrt(14), math.sqrt(18)]  # ‖x − b_dec‖
+    afa = sum((f - x) ** 2 for f, x in zip(f_norms, xc_norms, strict=True)) / 4 / 32
+    assert out.losses["afa"].item() == pytest.approx(afa)
+
+
 def test_select_excludes_k_equal_width_and_breaks_ties_low():
     a = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
     keep = afa_select(a, torch.ones(3), torch.tensor([10.0, 1.0]))
@@ -183,6 +193,7 @@ def test_k_equal_width_is_never_chosen_at_any_input_scale():
         ({"afa_coeff": -0.1}, "afa_coeff"),
         ({"aux_coeff": -1.0}, "aux_coeff"),
         ({"k_aux": 0}, "k_aux"),
+        ({"afa_target": "mean"}, "afa_target"),
     ],
 )
 def test_validation(kw, match):
