@@ -1,20 +1,27 @@
-"""Train and evaluate SAELens's TopK SAE on activations given as .npy files (run by topk_vs_saelens.py).
+"""Train and evaluate one SAELens training SAE on activations given as .npy files (run by the orchestrators
+``topk_vs_saelens.py`` and ``train_speed.py``, one process per trainee).
 
 This script runs inside the separate benchmark environment (``.bench-venv``, which has ``sae-lens`` and no
-saekit), so it imports nothing from saekit: the orchestrator hands it the activations as plain ``.npy``
-files and reads back plain ``.npy`` files and a JSON record.
+saekit), so it imports nothing from saekit; ``_common`` (next to this file) imports only numpy and the
+standard library at its top. The orchestrator hands it the activations as a plain ``.npy`` file and reads
+back plain ``.npy`` files and a JSON record.
 
 Training uses SAELens's own code end to end: ``TopKTrainingSAE`` (its TopK, its MSE, its AuxK, its
-``rescale_acts_by_decoder_norm`` and 0.1 decoder-norm init) driven by ``SAETrainer.fit()``, which accepts
-any iterator of (batch, d) tensors as its data provider; that iterator walks the rows of ``--train`` in
-file order (the orchestrator has already shuffled them, so both libraries see the same batches in the same
-order). The input scale is the orchestrator's scalar s (E||s x||^2 = d), set on SAELens's
+``rescale_acts_by_decoder_norm`` and 0.1 decoder-norm init), ``StandardTrainingSAE`` (ReLU with the L1
+weighted by decoder norms) or ``GatedTrainingSAE``, driven by ``SAETrainer.fit()``, which accepts any
+iterator of (batch, d) tensors as its data provider; that iterator reads consecutive row blocks of
+``--train`` from disk (the orchestrator has already shuffled them, so every library sees the same batches in
+the same order). The input scale is the orchestrator's scalar s (E||s x||^2 = d), set on SAELens's
 ``ActivationScaler`` before ``fit()`` so SAELens neither re-estimates it nor differs from saekit; ``fit()``
 folds it into the weights at the end, as SAELens always does, so evaluation feeds raw activations.
 
-Outputs in ``--out``: ``result.json`` (timings, settings, training-time dead count), ``x_hat.npy`` (the
-held-out reconstructions), ``f_idx.npy``/``f_val.npy`` (the k selected latents per held-out token and
-their values after ReLU), so the orchestrator computes every metric with saekit's own functions.
+Timing covers ``fit()`` only (its loop; the norm estimate is skipped because the scale is given). Peak RSS
+is the process's high-water mark (``_common.peak_rss_mb``) read after every training step, so it covers
+imports, setup and the loop, not the evaluation after it.
+
+Outputs in ``--out``: ``result.json`` (timings, memory, settings, training-time dead count) and the held-out
+reconstructions and codes in ``_common.OutputWriter``'s format, so the orchestrator computes every metric
+with saekit's own functions, the same way for every library.
 """
 
 from __future__ import annotations
@@ -27,26 +34,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import NpyRows, OutputWriter, peak_rss_mb, rss_now_mb
+
+ARCHS = ("topk", "standard", "gated")
 
 
-def batches(x_ND: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
-    """Consecutive (batch_size, d) row blocks, cycling through the file if more are asked for."""
-    n = (x_ND.shape[0] // batch_size) * batch_size
-    if n == 0:
-        raise ValueError(f"{x_ND.shape[0]} training rows are fewer than one batch of {batch_size}")
-    while True:
-        for start in range(0, n, batch_size):
-            yield torch.from_numpy(np.ascontiguousarray(x_ND[start : start + batch_size]))
+def batches(rows: NpyRows, batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive (batch_size, d) row blocks read from disk, cycling through the file if more are asked
+    for (SAETrainer draws exactly total/batch of them)."""
+    for block in rows.batches(batch_size, cycle=True):
+        yield torch.from_numpy(block)
 
 
-def logging_trainer(base: type, every: int) -> type:
-    """``SAETrainer`` that also prints the batch FVU, L0 and dead count every ``every`` steps (observation
-    only: it reads the step's output after SAELens's own ``step`` has run)."""
+def observed_trainer(base: type, log_every: int) -> type:
+    """``SAETrainer`` that records the process's peak RSS after every step and, with ``log_every``, prints the
+    batch FVU, L0 and dead count every ``log_every`` steps. Observation only: it reads the step's output
+    after SAELens's own ``step`` has run."""
 
-    class LoggingTrainer(base):
+    class ObservedTrainer(base):
+        peak_rss_mb = 0.0
+
         def step(self, batch: torch.Tensor):
             out = super().step(batch)
-            if (self.n_training_steps + 1) % every == 0:
+            self.peak_rss_mb = peak_rss_mb()
+            if log_every and (self.n_training_steps + 1) % log_every == 0:
                 with torch.no_grad():
                     x, x_hat = out.sae_in.double(), out.sae_out.double()
                     fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
@@ -59,7 +70,35 @@ def logging_trainer(base: type, every: int) -> type:
                 )
             return out
 
-    return LoggingTrainer
+    return ObservedTrainer
+
+
+def build_sae(args: argparse.Namespace, d: int):
+    """The SAELens training SAE of ``--arch`` with SAELens's defaults except the flags given."""
+    init_norm = None if args.decoder_init_norm.lower() == "none" else float(args.decoder_init_norm)
+    if args.arch == "topk":
+        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+        if args.k is None:
+            raise SystemExit("--arch topk needs --k")
+        return TopKTrainingSAE(
+            TopKTrainingSAEConfig(d_in=d, d_sae=args.width, k=args.k, decoder_init_norm=init_norm)
+        )
+    if args.l1_coefficient is None:
+        raise SystemExit(f"--arch {args.arch} needs --l1-coefficient")
+    if args.arch == "standard":
+        from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+
+        cfg = StandardTrainingSAEConfig(
+            d_in=d, d_sae=args.width, l1_coefficient=args.l1_coefficient, decoder_init_norm=init_norm
+        )
+        return StandardTrainingSAE(cfg)
+    from sae_lens.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
+
+    cfg = GatedTrainingSAEConfig(
+        d_in=d, d_sae=args.width, l1_coefficient=args.l1_coefficient, decoder_init_norm=init_norm
+    )
+    return GatedTrainingSAE(cfg)
 
 
 def main() -> None:
@@ -67,8 +106,10 @@ def main() -> None:
     ap.add_argument("--train", required=True, help=".npy (N, d) float32 training rows, already shuffled")
     ap.add_argument("--heldout", required=True, help=".npy (N_eval, d) float32 held-out rows")
     ap.add_argument("--out", required=True, help="folder for result.json and the held-out outputs")
+    ap.add_argument("--arch", choices=ARCHS, default="topk", help="SAELens architecture")
     ap.add_argument("--width", type=int, required=True)
-    ap.add_argument("--k", type=int, required=True)
+    ap.add_argument("--k", type=int, default=None, help="active latents (topk)")
+    ap.add_argument("--l1-coefficient", type=float, default=None, help="L1 coefficient (standard, gated)")
     ap.add_argument("--steps", type=int, required=True, help="optimizer steps")
     ap.add_argument("--batch-size", type=int, required=True)
     ap.add_argument("--lr", type=float, required=True)
@@ -80,7 +121,7 @@ def main() -> None:
     ap.add_argument("--scale", type=float, required=True, help="input scale s with E||s x||^2 = d")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--eval-batch-size", type=int, default=4096)
+    ap.add_argument("--eval-batch-size", type=int, default=1024)
     ap.add_argument(
         "--b-dec-init",
         default=None,
@@ -89,14 +130,13 @@ def main() -> None:
     ap.add_argument(
         "--decoder-init-norm",
         default="0.1",
-        help="ablation: TopKTrainingSAEConfig.decoder_init_norm, a float or 'none' (default: SAELens's 0.1)",
+        help="ablation: the config's decoder_init_norm, a float or 'none' (default: SAELens's 0.1)",
     )
     ap.add_argument("--log-every", type=int, default=0, help="print batch FVU/L0/dead every n steps")
     args = ap.parse_args()
 
     import sae_lens
     from sae_lens.config import LoggingConfig, SAETrainerConfig
-    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     if args.threads:
@@ -104,19 +144,15 @@ def main() -> None:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    x_train = np.load(args.train)  # in RAM, like the orchestrator does for saekit
-    d = x_train.shape[1]
+    rows = NpyRows(args.train)
+    d = rows.shape[1]
     total = args.steps * args.batch_size
 
-    init_norm = None if args.decoder_init_norm.lower() == "none" else float(args.decoder_init_norm)
-    sae = TopKTrainingSAE(
-        TopKTrainingSAEConfig(d_in=d, d_sae=args.width, k=args.k, decoder_init_norm=init_norm)
-    )
+    sae = build_sae(args, d)
     if args.b_dec_init:
         with torch.no_grad():
             sae.b_dec.copy_(torch.from_numpy(np.load(args.b_dec_init)).to(sae.b_dec))
-    trainer_cls = logging_trainer(SAETrainer, args.log_every) if args.log_every else SAETrainer
-    trainer = trainer_cls(
+    trainer = observed_trainer(SAETrainer, args.log_every)(
         cfg=SAETrainerConfig(
             total_training_samples=total,
             train_batch_size_samples=args.batch_size,
@@ -132,9 +168,10 @@ def main() -> None:
             logger=LoggingConfig(log_to_wandb=False),
         ),
         sae=sae,
-        data_provider=batches(x_train, args.batch_size),
+        data_provider=batches(rows, args.batch_size),
     )
     trainer.activation_scaler.scaling_factor = args.scale
+    rss_before = rss_now_mb()
     t0 = time.perf_counter()
     trainer.fit()
     train_seconds = time.perf_counter() - t0
@@ -142,31 +179,30 @@ def main() -> None:
     if trainer.activation_scaler.scaling_factor is not None:
         raise RuntimeError("SAETrainer.fit() did not fold the activation scale into the SAE")
 
-    x_eval = np.load(args.heldout)
+    x_eval = np.load(args.heldout, mmap_mode="r")
+    writer = OutputWriter(out, args.width)
     sae.eval()
-    x_hat_parts, idx_parts, val_parts = [], [], []
     with torch.no_grad():
         for start in range(0, x_eval.shape[0], args.eval_batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(x_eval[start : start + args.eval_batch_size]))
+            x = torch.from_numpy(np.array(x_eval[start : start + args.eval_batch_size], dtype=np.float32))
             f_NM = sae.encode(x)
-            x_hat_parts.append(sae.decode(f_NM).numpy())
-            val_NK, idx_NK = f_NM.topk(args.k, dim=-1)  # TopK keeps k entries (some may be 0 after ReLU)
-            idx_parts.append(idx_NK.numpy().astype(np.int32))
-            val_parts.append(val_NK.numpy())
-            if int((f_NM != 0).sum(dim=-1).max()) > args.k:
+            if args.arch == "topk" and int((f_NM != 0).sum(dim=-1).max()) > args.k:
                 raise RuntimeError("SAELens's TopK encode returned more than k non-zero latents")
-    np.save(out / "x_hat.npy", np.concatenate(x_hat_parts))
-    np.save(out / "f_idx.npy", np.concatenate(idx_parts))
-    np.save(out / "f_val.npy", np.concatenate(val_parts))
+            writer.add_dense(sae.decode(f_NM).numpy(), f_NM.numpy())
+    writer.close()
     result = {
-        "library": "sae_lens",
+        "library": "SAELens",
         "version": sae_lens.__version__,
         "torch": torch.__version__,
+        "arch": args.arch,
+        "width": args.width,
         "threads": torch.get_num_threads(),
         "tokens": trainer.n_training_samples,
         "steps": trainer.n_training_steps,
         "train_seconds": train_seconds,
         "tokens_per_s": trainer.n_training_samples / train_seconds,
+        "peak_rss_mb": trainer.peak_rss_mb,
+        "rss_before_train_mb": rss_before,
         "dead_train": dead_train,
         "dead_train_fraction": dead_train / args.width,
         "config": {
@@ -175,7 +211,7 @@ def main() -> None:
         },
     }
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(json.dumps({k: result[k] for k in ("tokens", "train_seconds", "tokens_per_s", "dead_train")}))
+    print(json.dumps({k: result[k] for k in ("tokens", "train_seconds", "tokens_per_s", "peak_rss_mb")}))
 
 
 if __name__ == "__main__":

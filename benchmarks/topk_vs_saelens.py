@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import iter_outputs
 
 import saekit
 from saekit.activations import open_cache, write_cache
@@ -266,15 +267,11 @@ def eval_saekit(sae_dir: Path, x_ND: np.ndarray, batch: int = 4096) -> dict:
     return stats.result()
 
 
-def eval_saelens(run: Path, x_ND: np.ndarray, width: int, batch: int = 4096) -> dict:
-    x_hat = np.load(run / "x_hat.npy")
-    f_idx, f_val = np.load(run / "f_idx.npy"), np.load(run / "f_val.npy")
+def eval_saelens(run: Path, x_ND: np.ndarray, width: int) -> dict:
+    """Metrics of the worker's held-out outputs (reconstructions and CSR codes, ``_common.OutputWriter``)."""
     stats = ReconstructionStats()
-    for start in range(0, x_ND.shape[0], batch):
-        sl = slice(start, start + batch)
-        idx, val = torch.from_numpy(f_idx[sl]).long(), torch.from_numpy(f_val[sl])
-        f = torch.zeros(idx.shape[0], width).scatter_(1, idx, val)
-        stats.update(torch.from_numpy(x_ND[sl]), torch.from_numpy(x_hat[sl]), f)
+    for sl, x_hat, f in iter_outputs(run, width):
+        stats.update(torch.from_numpy(x_ND[sl]), x_hat, f)
     return stats.result()
 
 

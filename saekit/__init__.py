@@ -11,15 +11,12 @@ __version__ = "0.1.0"
 
 
 def load(path, device="cpu"):
-    """Load a saved SAE (a folder with cfg.json + sae.safetensors, or a run folder holding sae/)."""
-    from pathlib import Path
+    """Load an SAE: a saekit folder (cfg.json + sae.safetensors) or a run folder holding sae/; another
+    library's SAE, detected by content (a SAELens or sparsify folder, a dictionary_learning ae.pt, a Gemma
+    Scope params.npz; see docs/formats.md); or ``hf:OWNER/NAME[/SUBFOLDER]`` on the Hugging Face hub."""
+    from saekit.formats import load as _load
 
-    from saekit.sae import load_sae
-
-    path = Path(path)
-    if not (path / "cfg.json").is_file() and (path / "sae" / "cfg.json").is_file():
-        path = path / "sae"
-    return load_sae(path, device=device)
+    return _load(path, device=device)
 
 
 def open_cache(path, verify="size"):

@@ -14,7 +14,7 @@ from saekit.bench.synthetic import add_synthetic_parser, cmd_bench_synthetic
 from saekit.config import add_dataclass_args, dataclass_from_args, load_config_file
 from saekit.jobs import DEFAULT_OUTLIER_FACTOR, EvalConfig, ExtractConfig
 from saekit.sweep import add_sweep_parser, cmd_sweep
-from saekit.train_job import DEFAULT_RUN_DIR, DEFAULT_TOKENS
+from saekit.train_job import DEFAULT_RUN_DIR, DEFAULT_TOKENS, add_train_many_parser, cmd_train_many
 
 
 def _arch_from_argv(argv: list[str]) -> str:
@@ -182,11 +182,35 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     add_dataclass_args(p.add_argument_group("records (when computed)"), FeatureConfig)
 
+    add_train_many_parser(sub)
     add_sweep_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks (bench synthetic: ground-truth feature recovery)")
     add_synthetic_parser(bench.add_subparsers(dest="bench", required=True, metavar="BENCH"))
     sub.add_parser("archs", help="list the SAE architectures and their options' defaults")
+    _add_format_parsers(sub)
     return parser
+
+
+def _add_format_parsers(sub) -> None:
+    """`saekit import` and `saekit export`: other libraries' SAE formats (saekit.formats)."""
+    p = sub.add_parser(
+        "import",
+        help="convert a SAELens, sparsify, dictionary_learning or Gemma Scope SAE into a saekit SAE folder",
+        description="Read another library's SAE (a folder or file, detected by content, or "
+        "hf:OWNER/NAME[/SUBFOLDER] on the Hugging Face hub) and save it as a saekit SAE folder, with the "
+        "hook point and model it reads in its metadata. `saekit eval` also takes foreign SAEs directly.",
+    )
+    p.add_argument("src", help="foreign SAE: folder, ae.pt, params.npz or hf:OWNER/NAME[/SUBFOLDER]")
+    p.add_argument("out", help="saekit SAE folder to write")
+    p.add_argument("--hook", default=None, help="hook point it reads (default: from the foreign config)")
+    p.add_argument("--model", default=None, help="model it reads (default: from the foreign config)")
+    p = sub.add_parser(
+        "export",
+        help="write a saekit SAE in another library's format (SAELens: cfg.json + sae_weights.safetensors)",
+    )
+    p.add_argument("sae", help="SAE folder or run folder (or anything `saekit eval` takes)")
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--format", choices=("saelens",), default="saelens", help="target format")
 
 
 def _add_feature_source_args(p: argparse.ArgumentParser) -> None:
@@ -251,6 +275,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         structure = sae.describe_structure()
         if structure:
             print(structure)
+        from saekit.analysis.heads import describe_heads
+
+        heads = describe_heads(sae)  # SAEs on layers.{i}.attn_z: per-head attribution of the latents
+        if heads:
+            print(heads)
         return 0
     from saekit.activations import open_cache
 
@@ -424,7 +453,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from saekit.formats import import_sae
+
+    sae = import_sae(args.src, args.out, hook=args.hook, model=args.model)
+    meta, source = sae.metadata, sae.metadata.get("imported", {})
+    model = (meta.get("model") or {}).get("source", "unknown: pass --model to eval")
+    print(f"imported {source.get('format', 'saekit')} SAE as {sae.arch}: d_in={sae.d_in} width={sae.width}")
+    print(f"  hook: {meta.get('hook', 'unknown: pass --hook to eval')}  model: {model}")
+    for note in source.get("notes", []):
+        print(f"  note: {note}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from saekit.formats import export_sae
+
+    out = export_sae(args.sae, args.out, format=args.format)
+    print(f"wrote {out} ({args.format})")
+    return 0
+
+
 COMMANDS = {
+    "import": cmd_import,
+    "export": cmd_export,
+    "train-many": cmd_train_many,
     "sweep": cmd_sweep,
     "bench": cmd_bench_synthetic,
     "features": cmd_features,

@@ -32,7 +32,8 @@ class ExtractConfig:
     model: str = "smollm2"
     """Model: 'smollm2' (the embedded SmolLM2-135M), a local HF model folder, a .gguf file, or a hub id."""
     hook: list[str] = field(default_factory=lambda: [DEFAULT_HOOK])
-    """Hook point(s): layers.{i}.resid_pre|resid_post|mlp_out|attn_out, or a raw module path; * for the layer
+    """Hook point(s): layers.{i}.resid_pre|resid_post|mlp_out|attn_out|attn_z (attn_z: the per-head outputs
+    before the attention output projection), or a raw module path; * for the layer
     means every layer (layers.*.resid_post). Repeatable. A multi-layer SAE (--arch multilayer) trains on
     all of them (default: layers.*.resid_post); other SAEs on the first."""
     text: str = "stdlib"

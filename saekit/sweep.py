@@ -14,6 +14,12 @@ the same folder. The job's own evaluation (held-out tokens of the cache's text, 
 L0 against FVU and L0 against CE loss recovered, one curve per architecture with its Pareto frontier (the
 points no other point of the same architecture beats at an equal or lower L0) drawn bold.
 
+Points are trained together from one pass over the cache (:func:`saekit.train_job.run_train_jobs`, up to
+``--per-pass`` at a time): each batch is read once and handed to every SAE, each still with its own
+optimizer, schedule, run folder and checkpoint, and each ending bit for bit as if trained alone. Points
+that cannot share a pass (multi-layer SAEs, SAEs on their own rows) and a lone unfinished point run as
+ordinary ``saekit train`` jobs.
+
 Resuming: a point whose ``summary.json`` exists and whose ``run_config.json`` equals the job it would run
 is read back, not retrained; any other point is handed to the job, which resumes its trainer checkpoint.
 
@@ -38,7 +44,7 @@ from typing import Any, Literal
 
 from saekit.config import add_dataclass_args, dataclass_from_args, field_docs, option_name
 from saekit.jobs import EvalConfig, ExtractConfig
-from saekit.train_job import DEFAULT_TOKENS, DEFAULT_TRAIN, TrainJob, run_train_job
+from saekit.train_job import DEFAULT_TOKENS, DEFAULT_TRAIN, TrainJob, run_train_job, run_train_jobs
 
 ALIASES = {"l1": "l1_coeff", "l0": "target_l0"}
 """Short grid names, the same as ``saekit train``'s option aliases."""
@@ -78,6 +84,8 @@ class SweepConfig:
     """Training settings (TrainConfig fields) shared by every run, over `saekit train`'s defaults."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation of every run."""
+    per_pass: int = 0
+    """Runs trained together from one pass over the cache (0 = every run that can; 1 = one at a time)."""
 
     def validate(self) -> None:
         from saekit.sae import get_architecture
@@ -92,6 +100,8 @@ class SweepConfig:
             raise ValueError(f"--expansions must be positive, got {self.expansions}")
         if self.tokens <= 0:
             raise ValueError(f"--tokens must be positive, got {self.tokens}")
+        if self.per_pass < 0:
+            raise ValueError(f"--per-pass must be >= 0 (0 = all together), got {self.per_pass}")
         parse_width_factors(self.width_factor, self.archs)
         plan_sweep(self)  # every grid axis parses and applies to some architecture
 
@@ -235,18 +245,44 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
                 {"d_in": d_in, "width": int(round(job.expansion * d_in)), **job.sae}
             )
     print(f"saekit sweep: {len(points)} runs on {cache_dir} into {out}", flush=True)
-    rows = []
+    n = len(points)
+    rows: list[dict[str, Any] | None] = [None] * n
+    todo = []
     for i, (point, job) in enumerate(zip(points, jobs, strict=True)):
-        run = Path(job.out)
-        if _finished(run, job):
-            print(f"[{i + 1}/{len(points)}] {point.name}: finished before, read back", flush=True)
-            summary = json.loads((run / "summary.json").read_text())
+        if _finished(Path(job.out), job):
+            print(f"[{i + 1}/{n}] {point.name}: finished before, read back", flush=True)
+            rows[i] = _result_row(
+                point, json.loads((Path(job.out) / "summary.json").read_text()), Path(job.out)
+            )
         else:
-            print(f"[{i + 1}/{len(points)}] {point.name}", flush=True)
-            summary = run_train_job(job)
-        rows.append(_result_row(point, summary, run))
-    write_results(rows, out)
-    return rows
+            todo.append(i)
+    for group in _passes(todo, points, cfg.per_pass):
+        if len(group) == 1:
+            print(f"[{group[0] + 1}/{n}] {points[group[0]].name}", flush=True)
+            summaries = [run_train_job(jobs[group[0]])]
+        else:
+            print(f"[{', '.join(str(i + 1) for i in group)}/{n}] from one pass over the cache", flush=True)
+            summaries = run_train_jobs([jobs[i] for i in group])
+        for i, summary in zip(group, summaries, strict=True):
+            rows[i] = _result_row(points[i], summary, Path(jobs[i].out))
+    done = [r for r in rows if r is not None]
+    write_results(done, out)
+    return done
+
+
+def _passes(todo: list[int], points: list[SweepPoint], per_pass: int) -> list[list[int]]:
+    """The unfinished points in groups trained from one pass each: those reading one hook point's
+    activations together (at most ``per_pass`` a group; 0 = no limit), every other point alone."""
+    from saekit.sae import get_architecture
+
+    def shareable(i: int) -> bool:
+        cls = get_architecture(points[i].arch)
+        return not cls.multi_hook and cls.own_training_rows(dict(points[i].options)) is None
+
+    together = [i for i in todo if shareable(i)]
+    size = per_pass or max(1, len(together))
+    groups = [together[a : a + size] for a in range(0, len(together), size)]
+    return groups + [[i] for i in todo if not shareable(i)]
 
 
 def _job(cfg: SweepConfig, point: SweepPoint, cache, cache_dir: str, out: Path) -> TrainJob:

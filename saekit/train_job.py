@@ -21,9 +21,12 @@ trainer minimises the KL of the model's next-token distribution with the SAE spl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +164,8 @@ class _Data:
 
 def run_train_job(job: TrainJob) -> dict[str, Any]:
     """Run the whole job and return a summary with the headline metrics (also written to the run folder)."""
+    from saekit.analysis.heads import head_metadata, is_attn_z
+    from saekit.models import load_model
     from saekit.sae import get_architecture, load_sae
     from saekit.train import TrainConfig, Trainer
 
@@ -172,9 +177,12 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         raise ValueError("--cache and --stream exclude each other")
     arch_cls = get_architecture(job.arch)
     own_rows = arch_cls.own_training_rows(job.sae)
-    _print_plan(job, train_cfg, arch_cls.multi_hook, own_rows)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config_file(out / "run_config.json", job.to_dict())
+    dist = _distributed(job.e2e.e2e)
+    main = dist is None or dist.is_main
+    if main:
+        _print_plan(job, train_cfg, arch_cls.multi_hook, own_rows)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config_file(out / "run_config.json", job.to_dict())
 
     if job.e2e.e2e:
         data = _e2e_data(job, arch_cls, own_rows, train_cfg.batch_size, train_cfg.seed)
@@ -183,9 +191,23 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
     elif job.cache:
         data = _cache_data(job, arch_cls.multi_hook, train_cfg.batch_size, train_cfg.seed)
     else:
-        data = _model_data(job, arch_cls.multi_hook, train_cfg.batch_size, train_cfg.seed, out)
-    trainer = Trainer(data.sae, train_cfg, out, sae_metadata=data.metadata, objective=data.objective)
+        # extraction into RUN/activations: rank 0 writes the cache, the others then read it
+        with _main_first(dist):
+            data = _model_data(job, arch_cls.multi_hook, train_cfg.batch_size, train_cfg.seed, out)
+    if dist is not None:
+        data.source = _rank_source(job, data, arch_cls.multi_hook, train_cfg, dist)
+        data.sae = data.sae.to(dist.device)
+    if len(data.hooks) == 1 and is_attn_z(data.hooks[0]):  # record the head geometry for per-head attribution
+        data.loaded = data.loaded or load_model(data.model_ref)  # (from a cache: reused by the final eval)
+        data.metadata.update(head_metadata(data.hooks, data.loaded.model))
+    trainer = Trainer(
+        data.sae, train_cfg, out, sae_metadata=data.metadata, objective=data.objective, distributed=dist
+    )
     train_summary = trainer.fit(data.source)
+    if dist is not None:
+        _shutdown()
+        if not main:  # rank 0 evaluates and reports
+            return {"arch": job.arch, "train": _headline(train_summary), "rank": dist.rank}
 
     hook = data.hooks[0] if len(data.hooks) == 1 else None
     summary: dict[str, Any] = {"arch": job.arch, "hook": hook, "train": _headline(train_summary)}
@@ -244,7 +266,9 @@ def _model_data(job: TrainJob, multi_hook: bool, batch_size: int, seed: int, out
     rows_per_hook(batch_size, len(hooks))  # and so does a batch too small to mix the hook points
     extract = dataclasses.replace(job.extract, hook=hooks)
     if job.stream:
-        source = streaming_batch_source(loaded, extract, batch_size, seed, 64 * 1024)
+        source = streaming_batch_source(
+            loaded, extract, batch_size, seed, stream_buffer_rows(batch_size, job.tokens)
+        )
     else:
         # Extract once into the run folder: a killed run resumes the extraction, then the training.
         cache_dir, n_tokens = out / "activations", -(-job.tokens // len(hooks))
@@ -373,3 +397,354 @@ def _print_headline(summary: dict[str, Any], out: Path) -> None:
         parts.append(f"CE loss recovered {fmt(ev.get('ce_loss_recovered'))}")
     where = f" (mean over {len(ev['layers'])} hook points)" if "layers" in ev else ""
     print(f"done in {summary['wall_seconds']:.0f} s: " + ", ".join(parts) + f"{where}  →  {out}", flush=True)
+
+
+STREAM_BUFFER_ROWS = 64 * 1024
+
+
+def stream_buffer_rows(batch_size: int, tokens: int) -> int:
+    """Rows of a streamed run's shuffle buffer: 64k, or the run's tokens when fewer (at least two batches).
+    The buffer yields its first batch once full, so a larger one than the run needs would only make the
+    model extract more tokens than the run trains on (64k for an 8k-token run)."""
+    return min(STREAM_BUFFER_ROWS, max(2 * batch_size, tokens))
+
+
+# -- data-parallel runs (torchrun) ---------------------------------------------------------------------------
+def _distributed(e2e: bool):
+    """The torchrun context (None in a single process); e2e training is refused under torchrun."""
+    from saekit.train.distributed import from_env
+
+    dist = from_env()
+    if dist is not None and e2e:
+        raise ValueError("--e2e is not supported under torchrun: run end-to-end training in one process")
+    return dist
+
+
+@contextlib.contextmanager
+def _main_first(dist) -> Iterator[None]:
+    """Run the block on rank 0 first, then on the other ranks (which find rank 0's files done)."""
+    if dist is not None and not dist.is_main:
+        dist.barrier()
+    yield
+    if dist is not None and dist.is_main:
+        dist.barrier()
+
+
+def _shutdown() -> None:
+    from saekit.train.distributed import shutdown
+
+    shutdown()
+
+
+def _rank_source(job: TrainJob, data: _Data, multi_hook: bool, train_cfg, dist):
+    """This rank's share of every global batch of the job's source. A cache is read with the rank's share
+    of the seeded order, a stream is extracted from the rank's share of the contexts, a multi-hook batch
+    is shared block by block, in-memory rows are sliced."""
+    import torch
+
+    from saekit.activations import open_cache
+    from saekit.train.multi import stream_source
+
+    if data.rows is not None:
+        return dist.shard_source(data.source)
+    batch_size, seed, hooks = train_cfg.batch_size, train_cfg.seed, data.hooks
+    if job.stream:
+        ex = job.extract
+        shards = stream_source(
+            data.loaded, hooks, rows_per_hook(batch_size, len(hooks)), seed, text=ex.text, split=ex.split,
+            context_len=ex.context_len, model_batch_size=ex.model_batch_size,
+            exclude_special=not ex.keep_special, outlier_factor=ex.outlier_factor_or_none,
+            buffer_rows=stream_buffer_rows(batch_size, job.tokens), rank=dist.rank,
+            world_size=dist.world_size,
+        )  # fmt: skip
+        return lambda skip: (torch.cat([b[h] for h in hooks]) for b in shards(skip))
+    if len(hooks) > 1:
+        return dist.shard_source(data.source, n_blocks=len(hooks) if multi_hook else 1)
+    cache = open_cache(job.cache or Path(job.out) / "activations")
+    opts = {"seed": seed, "epochs": None, "rank": dist.rank, "world_size": dist.world_size}
+    return lambda skip: cache.batches(hooks[0], batch_size, skip_batches=skip, **opts)
+
+
+# -- several SAEs from one pass (saekit train-many; saekit sweep) --------------------------------------------
+def run_train_jobs(jobs: list[TrainJob], *, cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Train several single-hook ``jobs`` from one pass over their activations (:mod:`saekit.train.multi`),
+    then evaluate each: every run folder ends as ``saekit train`` leaves it (run_config.json, sae/,
+    metrics, eval.json, summary.json), and each SAE is bit for bit the one ``saekit train`` would give on
+    the same batches. The jobs must read the same data (one cache, or one model and text) with one batch
+    size and seed; their token budgets may differ. Without a cache and ``stream``, every hook point asked
+    for is extracted once into ``cache_dir``. Under torchrun, every rank trains its share, as in
+    :func:`run_train_job`."""
+    from saekit.activations import open_cache
+    from saekit.analysis.heads import head_metadata, is_attn_z
+    from saekit.jobs import run_cache
+    from saekit.models import hook_width, load_model
+    from saekit.sae import load_sae
+    from saekit.train import TrainConfig, Trainer
+    from saekit.train.multi import MultiTrainer, cache_source, stream_source
+
+    t_start = time.perf_counter()
+    cfgs = [TrainConfig.from_dict({**job.train, "total_tokens": job.tokens}) for job in jobs]
+    _check_shareable(jobs, cfgs)
+    first, batch_size, seed = jobs[0], cfgs[0].batch_size, cfgs[0].seed
+    dist = _distributed(False)
+    main = dist is None or dist.is_main
+    rank = (
+        {"rank": 0, "world_size": 1} if dist is None else {"rank": dist.rank, "world_size": dist.world_size}
+    )
+    if main:
+        src = f"cache {first.cache}" if first.cache else f"{first.extract.model} on {first.extract.text}"
+        mode = "" if first.cache else (", streamed" if first.stream else f", cached in {cache_dir}")
+        print(f"saekit train: {len(jobs)} SAEs from one pass over {src}{mode}:", flush=True)
+        for job, cfg in zip(jobs, cfgs, strict=True):
+            print(f"  {job.arch} {job.sae} at {job.extract.hook[0]}: {job.tokens:,} tokens in "
+                  f"{cfg.total_steps} steps of {batch_size} → {job.out}", flush=True)  # fmt: skip
+            Path(job.out).mkdir(parents=True, exist_ok=True)
+            save_config_file(Path(job.out) / "run_config.json", job.to_dict())
+
+    loaded, cache = None, None
+    if first.cache:
+        cache = open_cache(first.cache)
+        settings = cache.manifest["settings"]
+        model_ref, text = settings["model"].get("source") or settings["model"]["name"], settings["source"]
+        hooks = [_cache_hook(cache, job) for job in jobs]
+        widths = [cache.widths[h] for h in hooks]
+    else:
+        model_ref, text = first.extract.model, first.extract.text
+        loaded = load_model(model_ref)
+        hooks = [job.extract.hook[0] for job in jobs]
+        for job, hook in zip(jobs, hooks, strict=True):
+            if "*" in hook:
+                raise ValueError(f"{job.out}: {job.arch} reads one hook point; {hook!r} names every layer")
+        widths = [hook_width(loaded.model, h) for h in hooks]
+    saes = [build_sae(job, d, seed) for job, d in zip(jobs, widths, strict=True)]  # bad settings fail early
+    all_hooks = list(dict.fromkeys(hooks))
+    ex = first.extract
+    if cache is not None:
+        source = cache_source(cache, all_hooks, batch_size, seed, **rank)
+    elif first.stream:
+        source = stream_source(
+            loaded, all_hooks, batch_size, seed, text=ex.text, split=ex.split, context_len=ex.context_len,
+            model_batch_size=ex.model_batch_size, exclude_special=not ex.keep_special,
+            outlier_factor=ex.outlier_factor_or_none,
+            buffer_rows=stream_buffer_rows(batch_size, max(job.tokens for job in jobs)), **rank,
+        )  # fmt: skip
+    else:
+        if cache_dir is None:
+            raise ValueError("several SAEs trained from a model without --stream need a folder to cache into")
+        n_tokens = max(job.tokens for job in jobs)
+        with _main_first(dist):
+            if main:
+                print(f"caching {n_tokens:,} tokens' activations of {_hook_list(all_hooks)} into {cache_dir}")
+            cache = run_cache(dataclasses.replace(ex, hook=all_hooks), n_tokens, cache_dir, loaded=loaded)
+        source = cache_source(cache, all_hooks, batch_size, seed, **rank)
+
+    trainers, datas = [], []
+    for job, cfg, sae, hook in zip(jobs, cfgs, saes, hooks, strict=True):
+        metadata = _hook_metadata(job, [hook], False, model_ref, text)
+        if is_attn_z(hook):  # the head geometry, for per-head attribution (as run_train_job records it)
+            loaded = loaded or load_model(model_ref)
+            metadata.update(head_metadata([hook], loaded.model))
+        if dist is not None:
+            sae = sae.to(dist.device)
+        trainers.append((hook, Trainer(sae, cfg, job.out, sae_metadata=metadata, distributed=dist)))
+        datas.append(_Data(sae, None, metadata, [hook], model_ref, text))
+    train_summaries = MultiTrainer(trainers).fit(source)
+    train_wall = time.perf_counter() - t_start
+    if dist is not None:
+        _shutdown()
+        if not main:
+            return [
+                {"arch": j.arch, "train": _headline(s)} for j, s in zip(jobs, train_summaries, strict=True)
+            ]
+
+    summaries = []
+    for job, data, train_summary in zip(jobs, datas, train_summaries, strict=True):
+        t_eval = time.perf_counter()
+        out = Path(job.out)
+        summary: dict[str, Any] = {"arch": job.arch, "hook": data.hooks[0], "train": _headline(train_summary)}
+        if job.eval.eval_tokens > 0:
+            data.loaded = loaded = loaded or load_model(model_ref)  # one model for every evaluation
+            summary["eval"] = _final_eval(job, data, load_sae(out / "sae"), out)
+        # the shared pass's wall time, and this run's own evaluation
+        summary["wall_seconds"] = train_wall + time.perf_counter() - t_eval
+        summary["trained_with"] = [j.out for j in jobs if j is not job]
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        _print_headline(summary, out)
+        summaries.append(summary)
+    return summaries
+
+
+SHARED_EXTRACT = ("model", "text", "split", "context_len", "model_batch_size", "dtype", "keep_special",
+                  "outlier_factor")  # fmt: skip
+"""Extraction settings one pass has for every SAE it feeds (only the hook point may differ)."""
+
+
+def _check_shareable(jobs: list[TrainJob], cfgs: list) -> None:
+    """Refuse, naming the run, what one pass cannot train: SAEs that read several hook points, their own
+    rows or token contexts (e2e); different data, batch sizes or seeds; two runs in one folder."""
+    from saekit.sae import get_architecture
+
+    if not jobs:
+        raise ValueError("no SAEs to train")
+    for job in jobs:
+        arch_cls = get_architecture(job.arch)
+        if job.e2e.e2e or arch_cls.multi_hook or arch_cls.own_training_rows(job.sae) is not None:
+            raise ValueError(
+                f"{job.out}: {job.arch}{' --e2e' if job.e2e.e2e else ''} does not read one hook point's "
+                "activations, so it cannot share a pass; train it alone with `saekit train`"
+            )
+        if job.cache and job.stream:
+            raise ValueError("--cache and --stream exclude each other")
+        job.extract.validate()
+    first = jobs[0]
+    for job, cfg in zip(jobs, cfgs, strict=True):
+        checks = {
+            "batch_size": (cfg.batch_size, cfgs[0].batch_size),
+            "seed (it orders the shared batches)": (cfg.seed, cfgs[0].seed),
+            "cache": (job.cache, first.cache),
+            "stream": (job.stream, first.stream),
+        }
+        if not first.cache:
+            checks |= {
+                f"extract.{k}": (getattr(job.extract, k), getattr(first.extract, k)) for k in SHARED_EXTRACT
+            }
+        for what, (mine, theirs) in checks.items():
+            if mine != theirs:
+                raise ValueError(
+                    f"SAEs trained from one pass share their {what}: {job.out} has {mine!r}, "
+                    f"{first.out} has {theirs!r}"
+                )
+    outs = [str(Path(j.out).resolve()) for j in jobs]
+    if len(set(outs)) != len(outs):
+        raise ValueError(
+            f"two SAEs would be written to the same folder: {sorted({o for o in outs if outs.count(o) > 1})}"
+        )
+
+
+# -- saekit train-many --------------------------------------------------------------------------------------
+SPEC_KEYS = {
+    "arch": "architecture (default topk)",
+    "hook": "hook point (default: --hook, or the cache's only one)",
+    "expansion": "width = expansion × d_in (default: --expansion)",
+    "tokens": "training tokens (default: --tokens)",
+    "name": "run folder under --out (default: made from the settings)",
+}
+SHARED_TRAIN = {"batch_size": "the batches are shared", "seed": "it orders the shared batches"}
+SPEC_ALIASES = {"l1": "l1_coeff", "l0": "target_l0"}
+
+
+def parse_sae_spec(text: str) -> dict[str, str]:
+    """``"arch=topk,k=32,hook=layers.3.resid_post"`` → ``{"arch": "topk", "k": "32", "hook": ...}``
+    (values still text; :func:`spec_job` converts them to each field's type)."""
+    spec: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = SPEC_ALIASES.get(key.strip().replace("-", "_"), key.strip().replace("-", "_"))
+        if not sep or not key or not value.strip():
+            raise ValueError(f"--sae expects KEY=VALUE,KEY=VALUE,... (e.g. arch=topk,k=32), got {text!r}")
+        if key in spec:
+            raise ValueError(f"--sae {text!r} gives {key} twice")
+        spec[key] = value.strip()
+    return spec
+
+
+def spec_job(spec: dict[str, str], base: TrainJob, root: Path) -> TrainJob:
+    """The `saekit train` job of one ``--sae`` spec over the shared settings in ``base``: architecture
+    options and per-SAE training settings (all but batch_size and seed) from the spec, the rest shared."""
+    from saekit.sae import get_architecture
+    from saekit.sweep import _convert, _fmt
+    from saekit.train import TrainConfig
+
+    spec = dict(spec)
+    arch = spec.pop("arch", base.arch)
+    arch_cls = get_architecture(arch)
+    arch_fields = {f.name for f in dataclasses.fields(arch_cls.config_class)} - {"d_in"}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"total_tokens"}
+    hook = spec.pop("hook", base.extract.hook[0])
+    name = spec.pop("name", None)
+    expansion = float(spec.pop("expansion", base.expansion))
+    tokens = int(spec.pop("tokens", base.tokens))
+    sae_opts, train_opts = dict(base.sae), dict(base.train)
+    for key, value in spec.items():
+        if key in SHARED_TRAIN:
+            raise ValueError(
+                f"--sae cannot set {key}: {SHARED_TRAIN[key]}; give --{key.replace('_', '-')} once"
+            )
+        if key in arch_fields:
+            sae_opts[key] = _convert(arch_cls.config_class, arch, key, value)
+        elif key in train_fields:
+            train_opts[key] = _convert(TrainConfig, "training", key, value)
+        else:
+            raise ValueError(
+                f"--sae: {arch} has no option {key!r}; keys are {sorted(SPEC_KEYS)}, {arch}'s options "
+                f"{sorted(arch_fields)} and training settings {sorted(train_fields - set(SHARED_TRAIN))}"
+            )
+    if name is None:
+        options = [f"{k}{_fmt(v)}" for k, v in sae_opts.items() if k in spec]
+        options += [f"{k}{_fmt(v)}" for k, v in train_opts.items() if k in spec]
+        name = "-".join([arch, hook, *options, f"x{_fmt(expansion)}"])
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", name)
+    extract = dataclasses.replace(base.extract, hook=[hook])
+    return dataclasses.replace(
+        base, arch=arch, sae=sae_opts, train=train_opts, extract=extract, tokens=tokens,
+        expansion=expansion, out=str(root / name),
+    )  # fmt: skip
+
+
+def add_train_many_parser(subparsers) -> argparse.ArgumentParser:
+    """The `saekit train-many` command: repeated ``--sae`` specs over shared data, training and evaluation
+    options (the same names as `saekit train`)."""
+    from saekit.config import add_dataclass_args
+    from saekit.jobs import EvalConfig, ExtractConfig
+    from saekit.train import TrainConfig
+
+    p = subparsers.add_parser(
+        "train-many",
+        help="train several SAEs (hook points, widths, architectures, settings) from one pass of the model",
+        description="Train one SAE per --sae from a single pass over the activations: each batch is read "
+        "(or extracted, one model forward for every hook point) once and handed to every SAE, each with "
+        "its own optimizer, schedule and run folder OUT/NAME (laid out as `saekit train` leaves it). "
+        "--sae takes KEY=VALUE pairs separated by commas: "
+        + "; ".join(f"{k}: {v}" for k, v in SPEC_KEYS.items())
+        + "; any option of the architecture (k, l1, ...) and any training setting but batch_size and seed "
+        "(e.g. lr). Run the same command again to resume.",
+    )
+    p.add_argument("--sae", action="append", required=True, metavar="KEY=V,...", help="one SAE (repeat)")
+    p.add_argument("--out", required=True, help="folder of the runs (OUT/NAME per SAE)")
+    p.add_argument("--cache", help="train from this activation cache (made by `saekit cache`)")
+    p.add_argument("--stream", action="store_true", help="train straight from the model, without caching")
+    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="training tokens of each SAE")
+    p.add_argument("--expansion", type=float, default=DEFAULT_EXPANSION, help="width = expansion × d_in")
+    p.add_argument("--arch", default="topk", help="architecture of the SAEs whose --sae names none")
+    add_dataclass_args(p.add_argument_group("training (every SAE)"), TrainConfig, skip={"total_tokens"})
+    add_dataclass_args(p.add_argument_group("activations (model and text)"), ExtractConfig)
+    add_dataclass_args(p.add_argument_group("evaluation (every SAE)"), EvalConfig)
+    return p
+
+
+def cmd_train_many(args: argparse.Namespace) -> int:
+    from saekit.train import TrainConfig
+
+    train = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
+    base = TrainJob(
+        arch=args.arch,
+        train={**DEFAULT_TRAIN, **{k: v for k, v in train.items() if v is not None}},
+        extract=dataclass_from_args(ExtractConfig, args),
+        eval=dataclass_from_args(EvalConfig, args),
+        tokens=args.tokens,
+        expansion=args.expansion,
+        cache=args.cache,
+        stream=args.stream,
+    )
+    if args.cache and args.hook is None:  # SAEs naming no hook read the cache's (only) one
+        from saekit.activations import open_cache
+
+        hooks = open_cache(args.cache).hooks
+        base.extract.hook = hooks[:1] if len(hooks) == 1 else base.extract.hook
+    root = Path(args.out)
+    jobs = [spec_job(parse_sae_spec(text), base, root) for text in args.sae]
+    names = [Path(j.out).name for j in jobs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two --sae specs give the run name {names}: add name=... to tell them apart")
+    run_train_jobs(jobs, cache_dir=root / "activations")
+    return 0

@@ -10,6 +10,10 @@ Two access paths, for two jobs:
   no mapping: pages of a mapped file would count in the process's resident memory until unmapped), shuffles
   rows inside the window and cuts batches. Every row is emitted exactly once per epoch, the order depends
   only on (seed, cache layout), and ``skip_batches`` resumes without reading the skipped windows.
+  With ``rank``/``world_size`` (data-parallel training) every rank walks the same seeded order and keeps
+  only its share of each global batch (rows ``[r·B/W, (r+1)·B/W)``), so the ranks' shares together are
+  exactly the single-process batch. A rank still reads the windows whole: with few ranks, sequential
+  reads of the window beat reading its scattered ~1/W of the rows one by one.
 """
 
 from __future__ import annotations
@@ -145,6 +149,8 @@ def shuffled_batches(
     block_rows: int = 1_024,
     drop_last: bool = False,
     return_rows: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (batch_size, d) float32 tensors in a seeded shuffled order; see the module docstring.
 
@@ -152,7 +158,8 @@ def shuffled_batches(
     so with ``epochs=None`` (endless) every batch is full, and with a finite number the last one may be
     short (dropped when ``drop_last``). ``return_rows`` also yields each row's global index (B,) int64,
     which indexes ``cache.tokens``, ``cache.context_ids`` and ``cache.positions``. Memory: one buffer of
-    ``buffer_rows × d`` stored values plus a batch.
+    ``buffer_rows × d`` stored values plus a batch. ``rank`` of ``world_size``: yield only that rank's
+    share of each batch (``skip_batches`` still counts whole batches).
     """
     if batch_size <= 0 or buffer_rows <= 0 or block_rows <= 0:
         raise ValueError(
@@ -160,6 +167,8 @@ def shuffled_batches(
         )
     if skip_batches < 0 or (epochs is not None and epochs < 0):
         raise ValueError(f"skip_batches and epochs must be >= 0, got {skip_batches}, {epochs}")
+    if world_size <= 0 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size) and world_size positive, got {rank}, {world_size}")
     n_rows = len(acts)
     if n_rows == 0:
         raise ValueError("the cache holds no rows")
@@ -170,12 +179,13 @@ def shuffled_batches(
         for lo in range(0, f.rows, block_rows)
     ]
     per_window = max(1, buffer_rows // block_rows)
-    gen = _batch_stream(acts, blocks, per_window, batch_size, seed, skip_batches, epochs, drop_last)
+    lo, hi = rank * batch_size // world_size, (rank + 1) * batch_size // world_size
+    gen = _batch_stream(acts, blocks, per_window, batch_size, seed, skip_batches, epochs, drop_last, (lo, hi))
     for x, rows in gen:
         yield (x, rows) if return_rows else x
 
 
-def _batch_stream(acts, blocks, per_window, batch_size, seed, skip_batches, epochs, drop_last):
+def _batch_stream(acts, blocks, per_window, batch_size, seed, skip_batches, epochs, drop_last, keep):
     n_rows = len(acts)
     skip_rows = skip_batches * batch_size
     epoch = skip_rows // n_rows
@@ -205,23 +215,28 @@ def _batch_stream(acts, blocks, per_window, batch_size, seed, skip_batches, epoc
                 pos, offset = offset, 0
                 while pos < w_rows:
                     take = min(batch_size - carried, w_rows - pos)
-                    idx = order[pos : pos + take]
+                    # the part of batch positions [carried, carried + take) inside this rank's share
+                    a, b = max(carried, keep[0]), min(carried + take, keep[1])
+                    if a < b:
+                        idx = order[pos + a - carried : pos + b - carried]
+                        carry_x.append(buf[idx])
+                        carry_r.append(rows_buf[idx])
                     pos += take
-                    carry_x.append(buf[idx])
-                    carry_r.append(rows_buf[idx])
                     carried += take
                     if carried == batch_size:
-                        yield _emit(carry_x, carry_r, acts.logical_dtype)
+                        yield _emit(carry_x, carry_r, acts.logical_dtype, buf)
                         carry_x, carry_r, carried = [], [], 0
             epoch += 1
         if carried and not drop_last:
-            yield _emit(carry_x, carry_r, acts.logical_dtype)
+            yield _emit(carry_x, carry_r, acts.logical_dtype, buf)
     finally:
         for fh in handles.values():
             fh.close()  # type: ignore[attr-defined]
 
 
-def _emit(parts_x: list[np.ndarray], parts_r: list[np.ndarray], logical_dtype: str):
+def _emit(parts_x: list[np.ndarray], parts_r: list[np.ndarray], logical_dtype: str, buf: np.ndarray):
+    if not parts_x:  # a share of no rows (more ranks than rows in a final short batch)
+        parts_x, parts_r = [buf[:0]], [np.empty(0, np.int64)]
     x = parts_x[0] if len(parts_x) == 1 else np.concatenate(parts_x)
     rows = parts_r[0] if len(parts_r) == 1 else np.concatenate(parts_r)
     return torch.from_numpy(np.ascontiguousarray(to_output(x, logical_dtype))), torch.from_numpy(rows)

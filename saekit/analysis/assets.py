@@ -54,6 +54,9 @@ th.sorted-desc::after { content: " \\25BC"; font-size: 0.75em; }
 .tok.center { outline: 1.5px solid rgba(var(--hi), 0.9); }
 .tok.special { color: var(--muted); }
 .quantile h3 { font-size: 0.95em; margin: 1em 0 0.2em; }
+table.heads td { border: none; padding: 0.05em 0.5em; }
+table.heads tr.top td { font-weight: 600; }
+table.heads .hbar { display: inline-block; height: 0.75em; background: #8fa9d6; vertical-align: middle; }
 svg text { font: 11px system-ui, sans-serif; fill: #555; }
 img.plot { max-width: 100%; border: 1px solid var(--line); background: #fff; }
 """
@@ -62,7 +65,7 @@ INDEX_JS = r"""
 "use strict";
 (function () {
   const D = window.SAEKIT_INDEX;
-  const rows = D.latents;  // [id, density, max, mean, [top tokens], [promoted tokens]]
+  const rows = D.latents;  // [id, density, max, mean, [top tokens], [promoted tokens](, top head, share)]
   const PAGE = 200;
   const state = { key: 2, dir: -1, query: "", page: 0, hideDead: false };
   const $ = (id) => document.getElementById(id);
@@ -116,7 +119,13 @@ INDEX_JS = r"""
       const mean = document.createElement("td"); mean.className = "num"; mean.textContent = fmt(r[3]);
       const top = document.createElement("td"); top.appendChild(chips("", r[4]));
       const up = document.createElement("td"); up.appendChild(chips("up", r[5]));
-      tr.append(id, dens, mx, mean, top, up);
+      tr.append(id, dens, mx, mean);
+      if (D.meta.heads) {  // attn_z SAE: the head with the largest share of the decoder row, and the share
+        const hd = document.createElement("td"); hd.className = "num head";
+        hd.textContent = "h" + r[6] + " " + Math.round(100 * r[7]) + "%";
+        tr.appendChild(hd);
+      }
+      tr.append(top, up);
       body.appendChild(tr);
     }
     $("count").textContent = sel.length + " of " + rows.length + " latents";
@@ -264,6 +273,22 @@ LATENT_JS = r"""
     $("logits").appendChild(box);
   } else {
     $("logits").appendChild(el("div", "muted", "no logit effects recorded"));
+  }
+  if (L.heads) {  // attn_z SAE: one bar per head, its share of the decoder row's squared norm
+    const t = el("table", "heads");
+    const best = L.heads.indexOf(Math.max.apply(null, L.heads));
+    L.heads.forEach((share, h) => {
+      const tr = el("tr", h === best ? "top" : "");
+      tr.appendChild(el("td", "", "head " + h));
+      const cell = el("td");
+      const bar = el("span", "hbar");
+      bar.style.width = (12 * share).toFixed(2) + "em";
+      cell.appendChild(bar);
+      tr.appendChild(cell);
+      tr.appendChild(el("td", "num", (100 * share).toFixed(1) + "%"));
+      t.appendChild(tr);
+    });
+    $("heads").appendChild(t);
   }
   if (!L.top.length) {
     $("top").appendChild(el("div", "muted", "This latent never fired on the recorded tokens."));

@@ -17,7 +17,9 @@ whole batch of contexts is in memory, so no second pass is needed to show surrou
 
 Positions the extraction excludes (special tokens, attention-sink outliers; see
 :mod:`saekit.activations.extract`) are never recorded or counted; inside a window they show activation 0.
-The logit effects (:mod:`saekit.analysis.logits`) need only the weights and are computed once.
+The logit effects (:mod:`saekit.analysis.logits`) need only the weights and are computed once; so does, for an
+SAE on ``layers.{i}.attn_z``, each latent's per-head attribution (:mod:`saekit.analysis.heads`); its logit
+effects are those of the decoder rows mapped through the attention output projection.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 
 from saekit.activations.extract import DEFAULT_OUTLIER_FACTOR, KEPT, iter_activations
+from saekit.analysis.heads import HeadGeometry, attach_to_records, is_attn_z, residual_directions
 from saekit.analysis.logits import logit_effects
 from saekit.analysis.records import FeatureRecords
 from saekit.data import special_token_ids
@@ -312,7 +315,12 @@ def collect_features(
     }
     if tokenizer is not None:
         run_meta["special_ids"] = sorted(special_token_ids(tokenizer))
-    records = acc.finish(getattr(sae, "W_dec", None), model, run_meta)
+    W_dec = getattr(sae, "W_dec", None)
+    # attn_z: decoder rows reach the residual stream through the attention output projection
+    on_heads = is_attn_z(hook) and isinstance(W_dec, torch.Tensor)
+    records = acc.finish(residual_directions(W_dec, model, hook) if on_heads else W_dec, model, run_meta)
+    if on_heads:
+        attach_to_records(records, W_dec.detach(), HeadGeometry.from_model(model, hook))
     records.vocab = _vocab(tokenizer, records.arrays)
     return records
 

@@ -60,6 +60,10 @@ ARRAYS = (
     "logit_down_ids",  # (M, n_logits) tokens it suppresses most
     "logit_down",
 )
+HEAD_ARRAYS = ("head_share",)
+"""Only for SAEs on ``layers.{i}.attn_z`` (meta ``heads``): (M, n_heads) share of each decoder row's squared
+norm per attention head; the summary then also holds ``top_head`` and ``top_head_share``
+(:mod:`saekit.analysis.heads`)."""
 
 
 def hist_edges(meta: dict[str, Any]) -> np.ndarray:
@@ -107,7 +111,8 @@ class FeatureRecords:
         ``center`` the index of the recorded position in them), ``top`` best first and ``samples`` by
         increasing activation, each sample with its ``quantile`` group (0 = lowest); ``hist``:
         ``{"edges", "counts", "underflow", "overflow"}``; ``logits``: ``{"up": [[id, value], ...],
-        "down": [...]}`` (empty when the SAE's width differs from the unembedding's).
+        "down": [...]}`` (empty when the SAE's width differs from the unembedding's); for an ``attn_z`` SAE
+        also ``heads``: ``{"shares": [per head], "top": head, "top_share": its share}``.
         """
         if not 0 <= i < self.width:
             raise IndexError(f"latent {i} out of range: the SAE has {self.width} latents")
@@ -140,6 +145,10 @@ class FeatureRecords:
             ]
             for d in ("up", "down")
         }
+        if "heads" in self.meta:
+            shares = self._slice("head_share", i)
+            top = int(np.argmax(shares))
+            record["heads"] = {"shares": shares.tolist(), "top": top, "top_share": float(shares[top])}
         return record
 
     def _windows(self, kind: str, i: int) -> list[dict[str, Any]]:

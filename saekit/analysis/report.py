@@ -97,7 +97,7 @@ def _top_tokens(record: dict[str, Any], vocab: dict[int, str]) -> list[str]:
 
 def _index_row(record: dict[str, Any], vocab: dict[int, str]) -> list[Any]:
     promoted = [vocab.get(t, "?") for t, _ in record["logits"]["up"][:INDEX_TOKENS]]
-    return [
+    row = [
         record["latent"],
         _round(record["density"]),
         _round(record["max_act"]),
@@ -105,6 +105,9 @@ def _index_row(record: dict[str, Any], vocab: dict[int, str]) -> list[Any]:
         _top_tokens(record, vocab),
         promoted,
     ]
+    if "heads" in record:  # attn_z SAEs: the top head and its share (columns 6 and 7)
+        row += [record["heads"]["top"], _round(record["heads"]["top_share"])]
+    return row
 
 
 def _latent_data(record: dict[str, Any], records: FeatureRecords, png: str | None) -> dict[str, Any]:
@@ -144,6 +147,7 @@ def _latent_data(record: dict[str, Any], records: FeatureRecords, png: str | Non
         "up": [[s(t), _round(v)] for t, v in record["logits"]["up"]],
         "down": [[s(t), _round(v)] for t, v in record["logits"]["down"]],
         "png": png,
+        "heads": [_round(x) for x in record["heads"]["shares"]] if "heads" in record else None,
         "special": [index[t] for t in records.meta.get("special_ids", []) if t in index],
         "strings": strings,
     }
@@ -152,7 +156,7 @@ def _latent_data(record: dict[str, Any], records: FeatureRecords, png: str | Non
 def _public_meta(records: FeatureRecords) -> dict[str, Any]:
     m = records.meta
     keys = ("model", "hook", "text", "split", "n_tokens", "n_contexts", "width", "excluded")
-    return {k: m.get(k) for k in keys} | {"sae": (m.get("sae") or {}).get("path")}
+    return {k: m.get(k) for k in keys} | {"sae": (m.get("sae") or {}).get("path"), "heads": m.get("heads")}
 
 
 def _describe(records: FeatureRecords) -> str:
@@ -185,6 +189,11 @@ def _index_page(records: FeatureRecords) -> str:
         f'<th class="sortable{" num" if k in (1, 2, 3) else ""}" data-key="{k}">{name}</th>'
         for k, name in enumerate(("latent", "density", "max act", "mean act"))
     )
+    if "heads" in records.meta:  # sorts by the top head's share (index column 7)
+        head += (
+            '<th class="sortable num" data-key="7" title="attention head with the largest share of the '
+            "decoder row's squared norm, and that share\">head</th>"
+        )
     return (
         _head("saekit report: latents", "")
         + _nav("", "Latents")
@@ -208,14 +217,21 @@ def _latent_page(record: dict[str, Any], records: FeatureRecords, png: str | Non
         links += f'<a href="{png}">PNG</a>'
     data = _latent_data(record, records, png)
     n_top, n_samp = len(record["top"]), len(record["samples"])
+    heads = (
+        '<div class="panel"><h2>Per-head attribution (share of the decoder row\'s squared norm)</h2>'
+        '<div id="heads"></div></div>'
+        if "heads" in record
+        else ""
+    )
+    path = "the attention output projection and the unembedding" if heads else "the unembedding"
     return (
         _head(f"latent {i}", "../")
         + _nav("../", f"Latent {i}", links)
         + f'<main><p class="muted">{html.escape(_describe(records))}</p>'
         '<div id="stats" class="stats"></div>\n'
         '<div class="panels"><div class="panel"><h2>Activation histogram</h2><div id="hist"></div></div>'
-        '<div class="panel"><h2>Logit effects (decoder row through the unembedding)</h2>'
-        '<div id="logits"></div></div></div>\n'
+        f'<div class="panel"><h2>Logit effects (decoder row through {path})</h2>'
+        f'<div id="logits"></div></div>{heads}</div>\n'
         f"<h2>Top activations ({n_top})</h2><p class='muted'>Shading: this latent's activation at each token "
         "(darkest = its maximum); outlined: the token the row is ranked by. Hover a token for its value.</p>"
         '<div id="top"></div>\n'
@@ -281,6 +297,21 @@ def _scalars(d: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in d.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
 
 
+def _head_rows(records: FeatureRecords) -> list[tuple[str, Any]]:
+    """Summary-table rows of the per-head attribution (attn_z SAEs only)."""
+    heads = records.meta.get("heads")
+    if not heads or "top_head_share" not in records.summary:
+        return []
+    share, dominant = records.summary["top_head_share"], float(heads.get("dominant_share", 0.9))
+    counts = np.bincount(records.summary["top_head"], minlength=int(heads["n_heads"]))
+    busiest = ", ".join(f"h{h}: {counts[h]}" for h in np.argsort(-counts, kind="stable")[:5] if counts[h])
+    return [
+        ("attention heads", f"{heads['n_heads']} × d_head {heads['d_head']}"),
+        (f"latents dominated by one head (share ≥ {dominant:g})", int((share >= dominant).sum())),
+        ("latents per top head (most first)", busiest),
+    ]
+
+
 def _summary_page(records: FeatureRecords, run_dir: Path | None, plots: list[tuple[str, str]]) -> str:
     parts = [_head("saekit report: summary", ""), _nav("", "Summary"), "<main>"]
     m, s = records.meta, records.summary
@@ -300,6 +331,7 @@ def _summary_page(records: FeatureRecords, run_dir: Path | None, plots: list[tup
                 ("excluded positions", m.get("excluded", {})),
                 ("latents that never fired", int((s["fires"] == 0).sum())),
                 ("median density (of latents that fired)", float(np.median(alive)) if alive.size else 0.0),
+                *_head_rows(records),
             ]
         )
     )

@@ -7,7 +7,14 @@ caches and saved SAEs say where they belong without knowing the model's module l
 * ``layers.{i}.resid_pre``  -- the residual stream entering block ``i`` (the block's input hidden states);
 * ``layers.{i}.resid_post`` -- the residual stream leaving block ``i`` (the block's output hidden states);
 * ``layers.{i}.attn_out``   -- the attention sub-layer's output, before it is added to the residual stream;
-* ``layers.{i}.mlp_out``    -- the MLP sub-layer's output, before it is added to the residual stream.
+* ``layers.{i}.mlp_out``    -- the MLP sub-layer's output, before it is added to the residual stream;
+* ``layers.{i}.attn_z``     -- the concatenated per-head outputs: the *input* of the attention output
+  projection (Llama ``self_attn.o_proj``, GPT-2 ``attn.c_proj``, GPT-NeoX ``attention.dense``),
+  ``n_heads · d_head`` columns, head h in columns ``h·d_head … (h+1)·d_head − 1``. ``attn_out`` is this times
+  the projection (plus its bias), so an SAE here sees which head wrote what (Kissane et al. 2024);
+  :func:`attn_heads` gives the head geometry. With grouped-query attention (SmolLM2: 9 query heads, 3
+  key/value heads) there are still ``n_heads`` query-head outputs: the width is ``num_attention_heads ·
+  head_dim``.
 
 So ``layers.{i}.resid_pre`` equals transformers' ``hidden_states[i]`` and ``layers.{i}.resid_post`` equals
 ``hidden_states[i + 1]``, except for the last block: transformers applies the final norm to its last entry.
@@ -15,8 +22,8 @@ So ``layers.{i}.resid_pre`` equals transformers' ``hidden_states[i]`` and ``laye
 A raw module path (``model.layers.3.mlp``) is accepted too and means that module's output; it works for any
 model, including families missing from :data:`FAMILIES`.
 
-Supporting a new family is one entry in :data:`FAMILIES`: where its blocks live, and the attribute names of
-the attention and MLP modules inside a block.
+Supporting a new family is one entry in :data:`FAMILIES`: where its blocks live, the attribute names of
+the attention and MLP modules inside a block, and of the output projection inside the attention module.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
+KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out", "attn_z")
+_D_MODEL_KINDS = KINDS[:4]
+"""The kinds whose width is d_model (``attn_z`` is n_heads · d_head wide)."""
 _NAMED_RE = re.compile(r"^layers\.(-?\d+)\.(\w+)$")
 
 
@@ -45,14 +54,16 @@ class Family:
     """Attribute of a block holding the attention module (its output must not include the residual)."""
     mlp: str
     """Attribute of a block holding the MLP module (its output must not include the residual)."""
+    attn_proj: str = ""
+    """Attribute of the attention module holding the output projection, whose input is ``attn_z``."""
 
 
 FAMILIES: dict[str, Family] = {
     # Llama layout, shared by SmolLM2, Mistral, Qwen2/3, Gemma, Phi-3 and most recent decoders.
-    "llama": Family(blocks="model.layers", attn="self_attn", mlp="mlp"),
-    # GPT-2 layout, shared by GPT-J.
-    "gpt2": Family(blocks="transformer.h", attn="attn", mlp="mlp"),
-    "gpt_neox": Family(blocks="gpt_neox.layers", attn="attention", mlp="mlp"),
+    "llama": Family(blocks="model.layers", attn="self_attn", mlp="mlp", attn_proj="o_proj"),
+    # GPT-2 layout (GPT-J names its output projection out_proj: not covered by attn_z).
+    "gpt2": Family(blocks="transformer.h", attn="attn", mlp="mlp", attn_proj="c_proj"),
+    "gpt_neox": Family(blocks="gpt_neox.layers", attn="attention", mlp="mlp", attn_proj="dense"),
 }
 
 
@@ -62,7 +73,8 @@ class _StopForward(Exception):
 
 @dataclass(frozen=True)
 class _Point:
-    """A resolved hook point: which module, whether we read its input (resid_pre) or output, which block."""
+    """A resolved hook point: which module, whether we read its input (resid_pre, attn_z) or output, which
+    block."""
 
     name: str
     module: nn.Module
@@ -119,9 +131,10 @@ def _summary(model: nn.Module) -> str:
             f"{_example_module_path(model)!r}"
         )
     path, blocks, family = found
+    layers = f"layers.{{0..{len(blocks) - 1}}}"
     return (
-        f"layers.{{0..{len(blocks) - 1}}}.{{{','.join(KINDS)}}}, or a module path such as "
-        f"'{path}.0.{family.mlp}'"
+        f"{layers}.{{{','.join(_D_MODEL_KINDS)}}} (d_model wide), {layers}.attn_z (the per-head outputs "
+        f"entering the attention output projection), or a module path such as '{path}.0.{family.mlp}'"
     )
 
 
@@ -153,6 +166,8 @@ def _resolve(model: nn.Module, name: str) -> _Point:
             return _Point(name, block, True, layer, kind)
         if kind == "resid_post":
             return _Point(name, block, False, layer, kind)
+        if kind == "attn_z":
+            return _Point(name, _attn_projection(block, family, name), True, layer, kind)
         sub = family.attn if kind == "attn_out" else family.mlp
         return _Point(name, block.get_submodule(sub), False, layer, kind)
 
@@ -160,6 +175,61 @@ def _resolve(model: nn.Module, name: str) -> _Point:
     if module is None or module is model:
         raise ValueError(f"unknown hook point {name!r}; valid: {_summary(model)}")
     return _Point(name, module, False, _raw_layer(model, name, found), None)
+
+
+def _attn_projection(block: nn.Module, family: Family, name: str) -> nn.Module:
+    """The attention output projection of ``block``, whose input is the ``attn_z`` hook point."""
+    proj = _get_path(block, f"{family.attn}.{family.attn_proj}") if family.attn_proj else None
+    if proj is None:
+        raise ValueError(
+            f"cannot resolve {name!r}: this model's attention module has no output projection "
+            f"{family.attn_proj or '(none configured for its family)'!r}; use a raw module path instead"
+        )
+    return proj
+
+
+def _in_width(module: nn.Module) -> int | None:
+    """Input width of a linear layer: ``nn.Linear`` (in_features) or GPT-2's ``Conv1D`` (weight (in, out))."""
+    if isinstance(getattr(module, "in_features", None), int):
+        return int(module.in_features)
+    weight = getattr(module, "weight", None)
+    if isinstance(getattr(module, "nf", None), int) and isinstance(weight, torch.Tensor) and weight.ndim == 2:
+        return int(weight.shape[0])
+    return None
+
+
+def attn_heads(model: nn.Module, layer: int = 0) -> tuple[int, int]:
+    """``(n_heads, d_head)`` of the attention at ``layer``: the geometry of ``layers.{layer}.attn_z``.
+
+    Read from the model config (``num_attention_heads``; ``head_dim`` where the config has one, else
+    ``hidden_size / n_heads``), and checked against the output projection's input width, because per-head
+    attribution is wrong if the columns are not n_heads blocks of d_head. Key/value heads (GQA) do not
+    count: every query head writes its own d_head slice of ``attn_z``.
+    """
+    config = getattr(model, "config", None)
+    n_heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not isinstance(n_heads, int) or n_heads <= 0:
+        raise ValueError(f"cannot tell how many attention heads a {type(model).__name__} has (no config)")
+    d_head = getattr(config, "head_dim", None)
+    if not isinstance(d_head, int) or d_head <= 0:
+        if not isinstance(hidden, int) or hidden % n_heads:
+            raise ValueError(f"hidden_size {hidden} is not a multiple of num_attention_heads {n_heads}")
+        d_head = hidden // n_heads
+    point = _resolve(model, f"layers.{layer}.attn_z")
+    width = _in_width(point.module)
+    if width is not None and width != n_heads * d_head:
+        raise ValueError(
+            f"the attention output projection of layer {layer} takes {width} columns, but the config says "
+            f"{n_heads} heads × {d_head} = {n_heads * d_head}"
+        )
+    return n_heads, d_head
+
+
+def attn_projection(model: nn.Module, layer: int) -> nn.Module:
+    """The attention output projection of block ``layer``: the module whose input is ``layers.{layer}.attn_z``
+    (Llama ``o_proj``, GPT-2 ``c_proj``, GPT-NeoX ``dense``)."""
+    return _resolve(model, f"layers.{layer}.attn_z").module
 
 
 def _raw_layer(model: nn.Module, path: str, found: tuple[str, nn.ModuleList, Family] | None) -> int:
@@ -186,11 +256,15 @@ def _resolve_all(model: nn.Module, names: Sequence[str]) -> list[_Point]:
 
 
 def hook_points(model: nn.Module) -> list[str]:
-    """Every named hook point of ``model``, block by block (raw module paths are accepted but not listed)."""
+    """Every named hook point of ``model``, block by block (raw module paths are accepted but not listed;
+    ``attn_z`` only where the family names its attention output projection)."""
     found = _find_blocks(model)
     if found is None:
         raise ValueError(_summary(model))
-    return [f"layers.{i}.{kind}" for i in range(len(found[1])) for kind in KINDS]
+    path, blocks, family = found
+    has_z = bool(family.attn_proj) and _get_path(blocks[0], f"{family.attn}.{family.attn_proj}") is not None
+    kinds = KINDS if has_z else _D_MODEL_KINDS
+    return [f"layers.{i}.{kind}" for i in range(len(blocks)) for kind in kinds]
 
 
 def validate_hooks(model: nn.Module, names: Sequence[str]) -> None:
@@ -208,8 +282,12 @@ def hook_layer(model: nn.Module, name: str) -> int:
 
 
 def hook_width(model: nn.Module, name: str) -> int:
-    """Last dimension of the activations at a hook point (d_model for named hooks)."""
+    """Last dimension of the activations at a hook point (d_model for named hooks, n_heads · d_head for
+    ``attn_z``)."""
     point = _resolve(model, name)
+    if point.kind == "attn_z":
+        n_heads, d_head = attn_heads(model, point.layer)
+        return n_heads * d_head
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     if point.kind is not None and hidden is not None:
         return int(hidden)
@@ -248,13 +326,18 @@ def _with_primary(output: Any, new: torch.Tensor) -> Any:
     return (new, *output[1:])
 
 
+_INPUT_KWARGS = ("hidden_states", "input", "x")
+"""Keyword names under which a block (``hidden_states``) or a projection (``input``, ``x``) takes input."""
+
+
 def _input_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden states passed to a block, positionally or as ``hidden_states=``."""
+    """The tensor passed to a block or projection: positionally, or as ``hidden_states=`` / ``input=``."""
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
-    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
-        return kwargs["hidden_states"]
-    raise TypeError("cannot find the hidden states among a block's inputs")
+    for key in _INPUT_KWARGS:
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key]
+    raise TypeError("cannot find the hidden states among a module's inputs")
 
 
 def _register(point: _Point, fn: Callable[[torch.Tensor], torch.Tensor | None], prepend: bool):
@@ -267,7 +350,8 @@ def _register(point: _Point, fn: Callable[[torch.Tensor], torch.Tensor | None], 
                 return None
             if args and isinstance(args[0], torch.Tensor):
                 return (new, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": new}
+            key = next(k for k in _INPUT_KWARGS if isinstance(kwargs.get(k), torch.Tensor))
+            return args, {**kwargs, key: new}
 
         return point.module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=prepend)
 

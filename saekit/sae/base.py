@@ -67,19 +67,77 @@ class StepContext:
 
 
 @dataclass
+class SparseCode:
+    """A batch's code as COO entries: latent ``cols[s]`` of token ``rows[s]`` has value ``vals[s]`` (no
+    duplicates; rows ascending). The sparse training path returns this instead of an (N, M) tensor, which
+    at M = 18,432 and N = 4,096 would take 300 MB and a pass over it for every statistic."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    vals: torch.Tensor
+    shape: tuple[int, int]
+    """(N, M)."""
+
+    def to_dense(self) -> torch.Tensor:
+        """The (N, M) code (differentiable with respect to ``vals``)."""
+        n, m = self.shape
+        out = self.vals.new_zeros(n * m)
+        return out.index_put((self.rows * m + self.cols,), self.vals).view(n, m)
+
+    def firing(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(fired_M, l0)``: the latents non-zero on some token, and the mean non-zero count per token."""
+        n, m = self.shape
+        nonzero = self.vals != 0
+        fired_M = torch.zeros(m, dtype=torch.bool, device=self.cols.device)
+        fired_M[self.cols[nonzero]] = True
+        return fired_M, nonzero.sum().float() / max(n, 1)
+
+
+@dataclass
 class SAEOutput:
     x_hat: torch.Tensor
     """(N, d) reconstruction."""
-    f: torch.Tensor
-    """(N, M) latent activations used for the reconstruction (zeros where inactive)."""
+    f: torch.Tensor | None
+    """(N, M) latent activations used for the reconstruction (zeros where inactive). An SAE that has the
+    code as ``code`` passes None here; reading ``f`` then builds the dense tensor once (lazily), so the
+    trainer, which needs only :meth:`firing`, never pays for it."""
     losses: dict[str, torch.Tensor]
     """Named scalar loss terms; the training loss is their sum."""
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
     """Extra scalars worth logging (not optimised)."""
+    code: SparseCode | None = None
+    """The same code as COO entries, when the SAE computed it sparsely."""
+
+    def __post_init__(self) -> None:
+        if self._f is None and self.code is None:
+            raise ValueError("SAEOutput needs the code: pass f (dense) or code (SparseCode)")
 
     @property
     def loss(self) -> torch.Tensor:
         return sum(self.losses.values())  # type: ignore[return-value]
+
+    def firing(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(fired_M, l0)``: (M,) bool, latents non-zero on some token of the batch, and the mean number
+        of non-zero latents per token (a 0-d tensor: no host sync). Read from ``code`` when there is one."""
+        if self.code is not None:
+            return self.code.firing()
+        fired_NM = self._f != 0
+        return fired_NM.any(dim=0), fired_NM.sum(dim=1).float().mean()
+
+
+def _get_f(self: SAEOutput) -> torch.Tensor:
+    if self._f is None:
+        self._f = self.code.to_dense()  # type: ignore[union-attr]
+    return self._f
+
+
+def _set_f(self: SAEOutput, value: torch.Tensor | None) -> None:
+    self._f = value
+
+
+# ``f`` stays a dataclass field (positional construction and ``dataclasses.replace`` keep working) but is
+# read through a property, so that a sparse output materialises its dense code only when someone asks.
+SAEOutput.f = property(_get_f, _set_f)  # type: ignore[assignment]
 
 
 class SAE(nn.Module):

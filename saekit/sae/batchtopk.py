@@ -27,6 +27,7 @@ import torch
 
 from .base import StepContext, register
 from .common import batch_topk_relu, topk_code
+from .sparse import BatchTopKSelect, Selector
 from .topk import TopKConfig, TopKSAE
 
 
@@ -60,10 +61,14 @@ class BatchTopKSAE(TopKSAE):
     def select(
         self, pre_NM: torch.Tensor, ctx: StepContext
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows, cols, vals = batch_topk_relu(pre_NM, self.cfg.k)
+        return batch_topk_relu(pre_NM, self.cfg.k)
+
+    def selector(self, ctx: StepContext) -> Selector:
+        return BatchTopKSelect(self.cfg.k)
+
+    def after_select(self, vals: torch.Tensor, ctx: StepContext) -> None:
         if self.training:
             self._update_threshold(vals.detach(), self.threshold_rate(ctx))
-        return rows, cols, vals
 
     def threshold_rate(self, ctx: StepContext) -> float:
         """r for this step: ``threshold_lr``, or 1/(n+1) at the n-th step of the final window (n = 0

@@ -5,20 +5,26 @@
 * The unit-norm decoder constraint: before the optimizer step, remove from each decoder row's gradient
   its component along the row; after the step, renormalise the rows. :class:`UnitNormDecoder` wires
   both into the base hooks.
-* Top-k selection (per token and over the whole batch) and a sparse decode that reads only the
-  selected decoder rows (``F.embedding_bag``). Measured on 2 contended CPU cores, N=1024, d=576, M=4608,
-  k=32: forward 8 ms vs 126 ms for a dense ``f @ W_dec``, forward+backward 272 vs 370 ms (the backward's
-  scatter into the dense W_dec gradient dominates); the gain grows with M/k.
+* Top-k selection on a dense (N, M) matrix (per token and over the whole batch), for inference and the
+  dense references; training selects inside the sparse encoder (:mod:`saekit.sae.sparse`, which also
+  holds :func:`sparse_decode`, re-exported here).
 * AuxK (Gao et al. 2024, App. A.2): reconstruct the main model's residual from the top-k_aux *dead*
-  latents, normalised by the residual's variance as in OpenAI's code.
+  latents, normalised by the residual's variance as in OpenAI's code; dense and sparse-path forms.
+* :func:`encoder_preacts`, the dense encoder (x − b_dec) W_enc + b_enc with a backward that skips the
+  (N, d) input gradient autograd would compute only to reduce it into b_dec's.
 * Straight-through estimators of JumpReLU and the Heaviside step with a rectangle kernel
   (Rajamanoharan et al. 2024, spec §2.3).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from .sparse import COO, DeadTopKSelect, Selector, sparse_encode
+from .sparse import sparse_decode as sparse_decode  # re-exported: it lives with the sparse path
 
 
 # -- initialisation ------------------------------------------------------------------------------------
@@ -44,9 +50,9 @@ def remove_parallel_grad_(W_dec_MD: torch.Tensor) -> None:
     row tangentially to the unit sphere instead of changing its norm (then undone by renormalising)."""
     if W_dec_MD.grad is None:
         return
-    unit_MD = W_dec_MD / W_dec_MD.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    parallel_M1 = (W_dec_MD.grad * unit_MD).sum(dim=1, keepdim=True)
-    W_dec_MD.grad.sub_(parallel_M1 * unit_MD)
+    # g − (g·u) u with u = w/‖w‖, written as g − ((g·w)/‖w‖²) w: no (M, d) temporary
+    coef_M = torch.linalg.vecdot(W_dec_MD.grad, W_dec_MD) / W_dec_MD.pow(2).sum(dim=1).clamp_min(1e-24)
+    W_dec_MD.grad.addcmul_(W_dec_MD, coef_M[:, None], value=-1)
 
 
 @torch.no_grad()
@@ -68,7 +74,45 @@ class UnitNormDecoder:
         normalize_rows_(self.W_dec)
 
 
-# -- top-k selection and sparse decode ------------------------------------------------------------------
+# -- dense encoder ----------------------------------------------------------------------------------------
+class _EncoderPreacts(torch.autograd.Function):
+    """π = (x − b_dec) W_enc + b_enc as one ``addmm``. Autograd would get b_dec's gradient by computing
+    ∂(x − b_dec) = ∂π W_encᵀ, an (N, M) × (M, d) GEMM (a sixth of a dense step), and summing it over the
+    batch; here ∂b_dec = −W_enc Σ_n ∂π_n, a matrix-vector product, and ∂x is computed only when x needs it."""
+
+    @staticmethod
+    def forward(ctx, x_ND, W_enc_DM, b_enc_M, b_dec_D):  # noqa: D102 (autograd API)
+        xc_ND = x_ND if b_dec_D is None else x_ND - b_dec_D
+        ctx.save_for_backward(xc_ND, W_enc_DM)
+        return xc_ND @ W_enc_DM if b_enc_M is None else torch.addmm(b_enc_M, xc_ND, W_enc_DM)
+
+    @staticmethod
+    def backward(ctx, grad_NM):  # noqa: D102
+        xc_ND, W_enc_DM = ctx.saved_tensors
+        need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad
+        grad_M = grad_NM.sum(dim=0) if (need_b_enc or need_b_dec) else None
+        return (
+            grad_NM @ W_enc_DM.t() if need_x else None,
+            xc_ND.t() @ grad_NM if need_W else None,
+            grad_M if need_b_enc else None,
+            -(W_enc_DM @ grad_M) if need_b_dec else None,  # type: ignore[operator]
+        )
+
+
+def encoder_preacts(
+    x_ND: torch.Tensor, W_enc_DM: torch.Tensor, b_enc_M: torch.Tensor | None, b_dec_D: torch.Tensor | None
+) -> torch.Tensor:
+    """(N, M) pre-activations (x − b_dec) W_enc + b_enc (either bias may be None) with a lean backward.
+    The output is fresh and not saved for backward, so callers may apply an in-place ReLU to it."""
+    return _EncoderPreacts.apply(x_ND, W_enc_DM, b_enc_M, b_dec_D)
+
+
+def dense_decode(f_NM: torch.Tensor, W_dec_MD: torch.Tensor, b_dec_D: torch.Tensor) -> torch.Tensor:
+    """f W_dec + b_dec, as one ``addmm`` (bias fused into the GEMM) for a 2-D batch."""
+    return torch.addmm(b_dec_D, f_NM, W_dec_MD) if f_NM.dim() == 2 else f_NM @ W_dec_MD + b_dec_D
+
+
+# -- top-k selection ------------------------------------------------------------------
 def topk_relu(pre_NM: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token top-k of the pre-activations, then ReLU (Gao et al.'s order). Returns ``(vals_NK,
     idx_NK)``; a selected pre-activation ≤ 0 gives a value of 0 (selected but inactive)."""
@@ -99,19 +143,6 @@ def coo_to_dense(
     return out.index_put((rows * shape[1] + cols,), vals).view(shape)
 
 
-def sparse_decode(
-    rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_rows: int, W_dec_MD: torch.Tensor
-) -> torch.Tensor:
-    """``dense(rows, cols, vals) @ W_dec`` (no bias) reading only the selected decoder rows.
-
-    ``rows`` must be sorted ascending. Gradients flow to ``vals`` and ``W_dec`` (checked against dense
-    autograd in the tests). Tokens with no entry decode to zero.
-    """
-    counts_N = torch.bincount(rows, minlength=n_rows)
-    offsets_N = torch.cumsum(counts_N, 0) - counts_N
-    return F.embedding_bag(cols, W_dec_MD, offsets_N, mode="sum", per_sample_weights=vals.to(W_dec_MD.dtype))
-
-
 def topk_to_coo(
     vals_NK: torch.Tensor, idx_NK: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,15 +164,55 @@ def auxk_loss(
     what builds ê: the dead latents' encoder columns and biases (through ``pre_NM``, which must keep its
     graph: that is exactly what sparsify's fused encoder lost) and their decoder rows. Unlike OpenAI, ê
     has no ``b_dec`` (as in dictionary_learning), so AuxK touches nothing but dead latents. Returns 0
-    when no latent is dead or the residual has zero variance over the batch.
+    when no latent is dead or the residual has zero variance over the batch. This is the dense form (the
+    reference the sparse path is tested against); :func:`auxk_loss_from_code` takes the selection made by
+    :class:`saekit.sae.sparse.DeadTopKSelect` inside the sparse encoder.
     """
     n_dead = int(dead_M.sum())
     if n_dead == 0 or k_aux <= 0:
         return pre_NM.new_zeros(())
-    e_ND = residual_ND.detach()
     masked_NM = torch.where(dead_M.to(pre_NM.device)[None, :], pre_NM, torch.finfo(pre_NM.dtype).min)
     vals_NK, idx_NK = topk_relu(masked_NM, min(k_aux, n_dead))
-    e_hat_ND = sparse_decode(*topk_to_coo(vals_NK, idx_NK), pre_NM.shape[0], W_dec_MD)
+    return auxk_loss_from_code(topk_to_coo(vals_NK, idx_NK), residual_ND, W_dec_MD)
+
+
+AUX_DENSE_DENSITY = 1 / 16
+"""AuxK selects k_aux = d/2 latents per token among the dead ones (288 at d = 576): when that is at least
+this fraction of the dead latents, it runs as dense GEMMs over the dead latents' block (:class:`DeadBlock`)
+instead of through the gather kernels. Measured on 2 CPU cores, N = 4096, d = 576, M = 18432 with 5% dead:
+the sparse AuxK (1.2M entries) cost more than the main top-k path."""
+
+
+@dataclass
+class DeadBlock:
+    """AuxK over the (N, n_dead) block of dead latents' pre-activations, recomputed by one small GEMM
+    (n_dead / M of the encoder's) with plain autograd: per token the top ``k`` of the block after ReLU."""
+
+    dead_idx: torch.Tensor
+    """(n_dead,) the dead latents."""
+    k: int
+
+
+@dataclass
+class DenseAuxCode:
+    """AuxK's code on the dead block: ``f_NB[:, j]`` is latent ``dead_idx[j]`` (zeros where not selected)."""
+
+    dead_idx: torch.Tensor
+    f_NB: torch.Tensor
+
+
+AuxCode = COO | DenseAuxCode
+"""AuxK's code after ReLU: COO from :class:`~saekit.sae.sparse.DeadTopKSelect`, or dense on the dead block."""
+
+
+def auxk_loss_from_code(aux_code: AuxCode, residual_ND: torch.Tensor, W_dec_MD: torch.Tensor) -> torch.Tensor:
+    """The normalised AuxK loss of :func:`auxk_loss` given its code, the dead latents' selected entries
+    *after* ReLU (COO with rows ascending, or a :class:`DenseAuxCode`)."""
+    e_ND = residual_ND.detach()
+    if isinstance(aux_code, DenseAuxCode):
+        e_hat_ND = aux_code.f_NB @ W_dec_MD.index_select(0, aux_code.dead_idx)
+    else:
+        e_hat_ND = sparse_decode(*aux_code, e_ND.shape[0], W_dec_MD)
     num = (e_ND - e_hat_ND).pow(2).sum()
     den = (e_ND - e_ND.mean(dim=0, keepdim=True)).pow(2).sum()
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), num.new_zeros(()))
@@ -164,6 +235,59 @@ def auxk_term(
     return {"auxk": coeff * auxk_loss(pre_NM, dead_M, residual_ND, W_dec_MD, k_aux)}
 
 
+def auxk_selector(coeff: float, dead_M: torch.Tensor | None, k_aux: int) -> DeadTopKSelect | DeadBlock | None:
+    """How AuxK selects this step: None when it contributes nothing (off, no dead-latent report yet, no
+    latent dead); a :class:`DeadBlock` when it keeps at least :data:`AUX_DENSE_DENSITY` of the dead
+    latents per token; else a :class:`~saekit.sae.sparse.DeadTopKSelect` for the sparse encoder."""
+    if coeff <= 0 or k_aux <= 0 or dead_M is None:
+        return None
+    n_dead = int(dead_M.sum())
+    if n_dead == 0:
+        return None
+    if min(k_aux, n_dead) >= AUX_DENSE_DENSITY * n_dead:
+        return DeadBlock(dead_M.nonzero().flatten(), min(k_aux, n_dead))
+    return DeadTopKSelect(dead_M, k_aux)
+
+
+def train_codes(
+    x_ND: torch.Tensor,
+    W_enc_DM: torch.Tensor,
+    b_enc_M: torch.Tensor | None,
+    b_dec_D: torch.Tensor | None,
+    selector: Selector,
+    aux: DeadTopKSelect | DeadBlock | None,
+) -> tuple[COO, AuxCode | None]:
+    """The codes of a TopK-family training step, after ReLU: the main one from one pass of the sparse
+    encoder, and AuxK's (None without ``aux``), either selected in the same pass or computed on the dead
+    block; gradients reach the encoder from both."""
+    sparse_aux = aux if isinstance(aux, DeadTopKSelect) else None
+    coos = sparse_encode(x_ND, W_enc_DM, b_enc_M, b_dec_D, [selector] + ([sparse_aux] if sparse_aux else []))
+    code = (coos[0][0], coos[0][1], F.relu(coos[0][2]))
+    if sparse_aux is not None:
+        return code, (coos[1][0], coos[1][1], F.relu(coos[1][2]))
+    if aux is None:
+        return code, None
+    idx = aux.dead_idx.to(W_enc_DM.device)
+    b_enc_B = None if b_enc_M is None else b_enc_M.index_select(0, idx)
+    pre_NB = encoder_preacts(x_ND, W_enc_DM.index_select(1, idx), b_enc_B, b_dec_D)
+    if aux.k < idx.numel():
+        vals_NK, local_NK = pre_NB.topk(aux.k, dim=-1, sorted=False)
+        return code, DenseAuxCode(idx, torch.zeros_like(pre_NB).scatter(-1, local_NK, F.relu(vals_NK)))
+    return code, DenseAuxCode(idx, F.relu(pre_NB))
+
+
+def auxk_term_from_code(
+    coeff: float, aux_code: AuxCode | None, residual_ND: torch.Tensor, W_dec_MD: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """:func:`auxk_term` for the sparse path: ``aux_code`` is the ReLU'd selection of :func:`auxk_selector`
+    (None: the term is 0, or absent when ``coeff`` is 0)."""
+    if coeff <= 0:
+        return {}
+    if aux_code is None:
+        return {"auxk": residual_ND.new_zeros(())}
+    return {"auxk": coeff * auxk_loss_from_code(aux_code, residual_ND, W_dec_MD)}
+
+
 # -- straight-through estimators (JumpReLU, spec §2.3) -------------------------------------------------
 def rectangle(u: torch.Tensor) -> torch.Tensor:
     """Rectangle kernel K(u) = 1[-1/2 < u < 1/2] (as ``u``'s dtype)."""
@@ -173,6 +297,11 @@ def rectangle(u: torch.Tensor) -> torch.Tensor:
 def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Sum a broadcast gradient back to a parameter's shape (θ is (M,), the batch is (..., M))."""
     return grad.sum_to_size(shape) if grad.shape != shape else grad
+
+
+def _window(pre: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+    """K((π − θ)/ε) as a bool mask, computed with one temporary (|u| < ½ ⇔ −½ < u < ½, exactly)."""
+    return ((pre - theta) / eps).abs_() < 0.5
 
 
 class JumpReLUFunction(torch.autograd.Function):
@@ -185,15 +314,19 @@ class JumpReLUFunction(torch.autograd.Function):
     def forward(ctx, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
         ctx.save_for_backward(pre, theta)
         ctx.bandwidth = bandwidth
-        return pre * (pre > theta).to(pre.dtype)
+        return torch.where(pre > theta, pre, 0.0)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         pre, theta = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_pre = grad_out * (pre > theta).to(grad_out.dtype)
-        grad_theta = -(theta / eps) * rectangle((pre - theta) / eps) * grad_out
-        return grad_pre, _sum_to(grad_theta, theta.shape), None
+        grad_pre = grad_theta = None
+        if ctx.needs_input_grad[0]:
+            grad_pre = torch.where(pre > theta, grad_out, 0.0)
+        if ctx.needs_input_grad[1]:
+            grad_theta = _sum_to(torch.where(_window(pre, theta, eps), grad_out, 0.0), theta.shape)
+            grad_theta = grad_theta * (-theta / eps)
+        return grad_pre, grad_theta, None
 
 
 class StepFunction(torch.autograd.Function):
@@ -209,9 +342,51 @@ class StepFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         pre, theta = ctx.saved_tensors
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            grad_theta = _sum_to(torch.where(_window(pre, theta, ctx.bandwidth), grad_out, 0.0), theta.shape)
+            grad_theta = grad_theta * (-1.0 / ctx.bandwidth)
+        return None, grad_theta, None  # ∂H/∂π = 0: None spares an (N, M) tensor of zeros
+
+
+class JumpReLUWithL0(torch.autograd.Function):
+    """``(π · H(π − θ), Σ_i H(π_i − θ_i))`` in one node: the outputs and gradients of
+    :class:`JumpReLUFunction` and of :class:`StepFunction` summed over latents, with the kernel window
+    computed once. ∂θ = −(1/ε) Σ_n K_n ⊙ (θ ∂f_n + ∂count_n); π gets gradient from f only."""
+
+    @staticmethod
+    def forward(ctx, pre_NM: torch.Tensor, theta_M: torch.Tensor, bandwidth: float):  # noqa: D102
+        ctx.save_for_backward(pre_NM, theta_M)
+        ctx.bandwidth = bandwidth
+        ctx.set_materialize_grads(False)  # an unused output passes None, not an (N, M) tensor of zeros
+        on_NM = pre_NM > theta_M
+        return torch.where(on_NM, pre_NM, 0.0), on_NM.sum(dim=-1).to(pre_NM.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_f_NM: torch.Tensor | None, grad_count_N: torch.Tensor | None):  # noqa: D102
+        pre_NM, theta_M = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_theta = -(1.0 / eps) * rectangle((pre - theta) / eps) * grad_out
-        return torch.zeros_like(pre), _sum_to(grad_theta, theta.shape), None
+        grad_pre = grad_theta = None
+        if ctx.needs_input_grad[0] and grad_f_NM is not None:
+            grad_pre = torch.where(pre_NM > theta_M, grad_f_NM, 0.0)
+        if ctx.needs_input_grad[1]:
+            window_NM = _window(pre_NM, theta_M, eps)
+            acc_M = theta_M.new_zeros(theta_M.shape)
+            if grad_f_NM is not None:
+                acc_M = acc_M + torch.where(window_NM, grad_f_NM, 0.0).sum(dim=0) * theta_M
+            if grad_count_N is not None:
+                acc_M = acc_M + grad_count_N @ window_NM.to(grad_count_N.dtype)
+            grad_theta = acc_M * (-1.0 / eps)
+        return grad_pre, grad_theta, None
+
+
+def jumprelu_with_l0(
+    pre_NM: torch.Tensor, theta_M: torch.Tensor, bandwidth: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(f_NM, count_N)``: JumpReLU and the per-token L0 with their straight-through gradients (for (N, M)
+    pre-activations and (M,) thresholds)."""
+    f_NM, count_N = JumpReLUWithL0.apply(pre_NM, theta_M, bandwidth)
+    return f_NM, count_N
 
 
 def jumprelu(pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:

@@ -83,13 +83,14 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         if not f.is_file():
             raise FileNotFoundError(
                 f"SAE folder {path} has no {f.name} (expected {CFG_FILE} and {WEIGHTS_FILE})"
+                + _foreign_hint(path)
             )
     try:
         record = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
     if not isinstance(record, dict) or "arch" not in record or "config" not in record:
-        raise ValueError(f"{cfg_path} must be an object with 'arch' and 'config' keys")
+        raise ValueError(f"{cfg_path} must be an object with 'arch' and 'config' keys" + _foreign_hint(path))
     unknown = sorted(set(record) - {"format_version", "arch", "config", "metadata"})
     if unknown:
         raise ValueError(f"{cfg_path}: unknown top-level keys {unknown}")
@@ -126,3 +127,10 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     sae.load_state_dict(tensors)
     sae.metadata = dict(record.get("metadata") or {})
     return sae.to(device).eval()
+
+
+def _foreign_hint(path: Path) -> str:
+    """How to use ``path`` when it holds another library's SAE (saekit.formats), else ''."""
+    from saekit.formats import foreign_hint
+
+    return foreign_hint(path)

@@ -46,9 +46,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .base import SAEOutput, StepContext, register
+from .base import SAEOutput, SparseCode, StepContext, register
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
-from .common import coo_to_dense, sparse_decode
+from .common import auxk_term_from_code, sparse_decode
+from .sparse import stable_argsort
 
 
 @dataclass
@@ -156,7 +157,9 @@ class MatryoshkaSAE(BatchTopKSAE):
         gives every block's contribution, and the cumulative sum over blocks turns blocks into prefixes."""
         ends_L = ends_L.to(cols.device)
         block = torch.bucketize(cols, ends_L, right=True)
-        bag, order = (block * n_tokens + rows).sort()
+        bag = block * n_tokens + rows
+        order = stable_argsort(bag)  # stable: columns stay ascending within a bag
+        bag = bag[order]
         blocks_LND = sparse_decode(bag, cols[order], vals[order], len(ends_L) * n_tokens, self.W_dec)
         return blocks_LND.view(len(ends_L), n_tokens, -1).cumsum(0) + self.b_dec
 
@@ -186,8 +189,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     def forward(self, x_ND: torch.Tensor, ctx: StepContext | None = None) -> SAEOutput:
         ctx = ctx or StepContext()
         n = x_ND.shape[0]
-        pre_NM = self.pre_acts(x_ND)
-        rows, cols, vals = self.select(pre_NM, ctx)  # BatchTopK over all latents; updates θ in train()
+        (rows, cols, vals), aux = self.encode_train(x_ND, ctx)  # BatchTopK over all latents; updates θ
         ends_L = self.prefix_ends()
         x_hat_LND = self.prefix_reconstructions(rows, cols, vals, n, ends_L)
         mse_L = (x_hat_LND - x_ND).pow(2).mean(dim=(1, 2))
@@ -197,10 +199,11 @@ class MatryoshkaSAE(BatchTopKSAE):
         recon = (self.level_weights(len(mse_L)).to(mse_L) * mse_L).sum()
         losses = {
             "recon": recon,
-            **self.auxk(pre_NM, ctx, x_ND - x_hat_ND),
+            **auxk_term_from_code(self.cfg.aux_coeff, aux, x_ND - x_hat_ND, self.W_dec),
         }
         metrics: dict = {"l0": (vals > 0).sum().detach() / n}
         if self.cfg.prefixes == "groups":  # fixed names only: the trainer averages metrics by name
             per_prefix = zip(ends_L.tolist(), mse_L[-len(ends_L) :].detach(), strict=True)
             metrics.update({f"mse_w{m}": e for m, e in per_prefix})
-        return SAEOutput(x_hat_ND, coo_to_dense(rows, cols, vals, pre_NM.shape), losses, metrics)
+        code = SparseCode(rows, cols, vals, (n, self.width))
+        return SAEOutput(x_hat_ND, None, losses, metrics, code=code)

@@ -44,17 +44,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import SAE, SAEOutput, StepContext, register
+from .base import SAE, SAEOutput, SparseCode, StepContext, register
 from .common import (
     UnitNormDecoder,
-    auxk_term,
-    coo_to_dense,
+    auxk_selector,
+    auxk_term_from_code,
     sparse_decode,
     tied_init,
     topk_code,
-    topk_relu,
-    topk_to_coo,
+    train_codes,
 )
+from .sparse import TopKSelect
 from .topk import TopKConfig
 
 STD_EPS = 1e-5
@@ -128,23 +128,24 @@ class MultiLayerSAE(UnitNormDecoder, SAE):
         if n_rows % n_layers:
             raise ValueError(f"a batch of {n_rows} rows cannot hold {n_layers} equal per-layer blocks")
         z_ND, (mu_N1, sigma_N1) = standardize(x_ND, self.eps)
-        pre_NM = self.pre_acts(z_ND)
-        rows, cols, vals = topk_to_coo(*topk_relu(pre_NM, self.cfg.k))
+        cfg = self.cfg
+        aux_sel = auxk_selector(cfg.aux_coeff, ctx.dead_mask, cfg.k_aux_resolved)
+        (rows, cols, vals), aux_code = train_codes(
+            z_ND, self.W_enc, None, self.b_pre, TopKSelect(cfg.k), aux_sel
+        )
         z_hat_ND = sparse_decode(rows, cols, vals, n_rows, self.W_dec) + self.b_pre
         x_hat_ND = z_hat_ND * sigma_N1 + mu_N1
 
         x_LnD, x_hat_LnD = x_ND.reshape(n_layers, -1, self.d_in), x_hat_ND.reshape(n_layers, -1, self.d_in)
         mse_L = (x_LnD - x_hat_LnD).pow(2).mean(dim=(1, 2))
         fvu_L = mse_L / x_LnD.flatten(1).var(dim=1).clamp_min(torch.finfo(x_ND.dtype).tiny)
-        aux = auxk_term(
-            self.cfg.aux_coeff, pre_NM, ctx.dead_mask, z_ND - z_hat_ND, self.W_dec, self.cfg.k_aux_resolved
-        )
+        aux = auxk_term_from_code(cfg.aux_coeff, aux_code, z_ND - z_hat_ND, self.W_dec)
         losses = {"recon": fvu_L.mean(), **aux}
-        metrics = {"l0": (vals > 0).sum().item() / n_rows}
+        metrics = {"l0": (vals > 0).sum().detach() / n_rows}
         if n_layers > 1:
             metrics |= {f"fvu_layer{i}": v for i, v in enumerate(fvu_L.detach().tolist())}
-        f_NM = coo_to_dense(rows, cols, vals, pre_NM.shape)
-        return SAEOutput(x_hat_ND, f_NM, losses, metrics)
+        code = SparseCode(rows, cols, vals, (n_rows, self.width))
+        return SAEOutput(x_hat_ND, None, losses, metrics, code=code)
 
     def init_from_data(self, sample: torch.Tensor, b_dec_init: torch.Tensor | None) -> None:
         """b_pre = the trainer's centre, standardised (b_pre lives in standardised space)."""

@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import SAE, SAEConfig, SAEOutput, StepContext, register
-from .common import l0, normalize_rows_, remove_parallel_grad_, sse, tied_init
+from .common import dense_decode, encoder_preacts, l0, normalize_rows_, remove_parallel_grad_, sse, tied_init
 
 
 @dataclass
@@ -74,20 +73,20 @@ class ReLUSAE(SAE):
 
     def pre_acts(self, x_ND: torch.Tensor) -> torch.Tensor:
         W_enc_DM = self.enc_scale * self.W_dec.t() if self.cfg.tied else self.W_enc
-        return (x_ND - self.b_dec) @ W_enc_DM + self.b_enc
+        return encoder_preacts(x_ND, W_enc_DM, self.b_enc, self.b_dec)
 
     def encode(self, x_ND: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.pre_acts(x_ND))
+        return self.pre_acts(x_ND).relu_()  # in place: encoder_preacts' output is fresh and not saved
 
     def decode(self, f_NM: torch.Tensor) -> torch.Tensor:
-        return f_NM @ self.W_dec + self.b_dec
+        return dense_decode(f_NM, self.W_dec, self.b_dec)
 
     def forward(self, x_ND: torch.Tensor, ctx: StepContext | None = None) -> SAEOutput:
         ctx = ctx or StepContext()
         f_NM = self.encode(x_ND)
         x_hat_ND = self.decode(f_NM)
         if self.cfg.decoder_norm == "weighted":
-            l1_N = (f_NM * self.W_dec.norm(dim=1)).sum(dim=-1)
+            l1_N = f_NM @ self.W_dec.norm(dim=1)  # a matrix-vector product: no (N, M) temporary
         else:
             l1_N = f_NM.sum(dim=-1)  # f >= 0, so Σ|f| = Σf
         losses = {"recon": sse(x_ND, x_hat_ND), "l1": self.cfg.l1_coeff * ctx.sparsity_scale * l1_N.mean()}

@@ -36,7 +36,8 @@ saekit's choices where the spec is silent or where saekit differs from the refer
   (W_enc = W_decᵀ, b_enc = 0) are :mod:`saekit.sae.topk`'s; W_k starts as a copy of W_enc, b_k = 0, and the
   output layer (w_k, c_k) as PyTorch's ``nn.Linear`` default, as in the reference.
 * ``forward`` without a context is the start of a run (soft, α = ``alpha_start``); ``encode`` is always hard.
-* The soft phase decodes the dense f; the hard phase reads only the selected decoder rows. While soft,
+* The soft phase decodes the dense f; the hard phase runs the sparse path of :mod:`saekit.sae.sparse`
+  (chunked encoder, selected entries only, sparse backward, AuxK inside the encoder). While soft,
   every z > 0 has m > 0 (until it underflows), so the trainer's l0 and dead-latent counts see every
   positive latent as firing, as the reference's ``did_fire`` does; the metric ``k_hat_mean`` is the
   code's real size then.
@@ -52,8 +53,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .base import SAEOutput, StepContext, register
-from .common import auxk_term, sparse_decode, sse, topk_to_coo
+from .base import SAEOutput, SparseCode, StepContext, register
+from .common import auxk_selector, auxk_term, auxk_term_from_code, sparse_decode, sse, train_codes
+from .sparse import COO
 from .topk import TopKConfig, TopKSAE
 
 
@@ -136,6 +138,24 @@ def linear_schedule(progress: float, fraction: float, start: float, end: float) 
     """``start`` → ``end`` linearly over the first ``fraction`` of the run, then ``end``."""
     r = 1.0 if fraction <= 0 else min(1.0, progress / fraction)
     return (1 - r) * start + r * end
+
+
+class RankedTopKSelect:
+    """The hard phase's selection for the sparse encoder: each token's ⌊k̂⌋ largest pre-activations
+    (⌊k̂⌋ ≤ K = k_max), i.e. the entries :meth:`SoftTopKSAE.hard_select` keeps non-zero."""
+
+    def __init__(self, k_max: int, keep_N: torch.Tensor):
+        self.k_max, self.keep_N = k_max, keep_N
+
+    def chunk(self, pre_nM: torch.Tensor, row0: int) -> COO:
+        vals_nK, idx_nK = pre_nM.topk(self.k_max, dim=-1)  # sorted: position = rank
+        rank_K = torch.arange(self.k_max, device=pre_nM.device)
+        keep_nK = rank_K < self.keep_N[row0 : row0 + pre_nM.shape[0], None].to(pre_nM.device)
+        rows_nK = torch.arange(row0, row0 + pre_nM.shape[0], device=pre_nM.device)[:, None].expand_as(idx_nK)
+        return rows_nK[keep_nK], idx_nK[keep_nK], vals_nK[keep_nK]
+
+    def finish(self, parts, pre_rows) -> COO:
+        return tuple(torch.cat([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
 
 
 # -- the SAE ---------------------------------------------------------------------------------------------
@@ -233,28 +253,31 @@ class SoftTopKSAE(TopKSAE):
     def forward(self, x_ND: torch.Tensor, ctx: StepContext | None = None) -> SAEOutput:
         ctx = ctx or StepContext()
         cfg, n = self.cfg, x_ND.shape[0]
-        pre_NM = self.pre_acts(x_ND)
-        z_NM = F.relu(pre_NM)
         hard, alpha, k_t = self.is_hard(ctx.progress), self.alpha(ctx.progress), self.k_target(ctx.progress)
-        if hard:
+        code = f_NM = None
+        if hard:  # the sparse path: no (N, M) tensor is kept, AuxK selects inside the encoder
             with torch.no_grad():
                 k_hat_N = self.estimate_k(x_ND)
-            vals_NK, idx_NK = self.hard_select(z_NM, k_hat_N)
-            rows, cols, vals = topk_to_coo(vals_NK, idx_NK)
+            aux_sel = auxk_selector(cfg.aux_coeff, ctx.dead_mask, cfg.k_aux_resolved)
+            selector = RankedTopKSelect(cfg.k_max_resolved, k_hat_N.floor().long())
+            (rows, cols, vals), aux_code = train_codes(
+                x_ND, self.W_enc, self.b_enc, self.b_dec, selector, aux_sel
+            )
             x_hat_ND = sparse_decode(rows, cols, vals, n, self.W_dec) + self.b_dec
-            f_NM = torch.zeros_like(z_NM).scatter(-1, idx_NK, vals_NK)
-            k_loss = pre_NM.new_zeros(())
+            code = SparseCode(rows, cols, vals, (n, self.width))
+            k_loss = x_hat_ND.new_zeros(())
+            aux = auxk_term_from_code(cfg.aux_coeff, aux_code, x_ND - x_hat_ND, self.W_dec)
         else:
+            pre_NM = self.pre_acts(x_ND)
+            z_NM = F.relu(pre_NM)
             k_hat_N = self.estimate_k(x_ND)
             f_NM = z_NM * lapsum_topk(z_NM, k_hat_N, alpha)
             x_hat_ND = self.decode(f_NM)
             k_loss = cfg.k_coeff * F.softplus(k_hat_N.mean() - k_t, beta=cfg.k_beta)
-        residual_ND = x_ND - x_hat_ND
-        losses = {
-            "recon": sse(x_ND, x_hat_ND),
-            "k_penalty": k_loss,
-            **auxk_term(cfg.aux_coeff, pre_NM, ctx.dead_mask, residual_ND, self.W_dec, cfg.k_aux_resolved),
-        }
+            aux = auxk_term(
+                cfg.aux_coeff, pre_NM, ctx.dead_mask, x_ND - x_hat_ND, self.W_dec, cfg.k_aux_resolved
+            )
+        losses = {"recon": sse(x_ND, x_hat_ND), "k_penalty": k_loss, **aux}
         k_hat = k_hat_N.detach()
         metrics = {
             "k_hat_mean": k_hat.mean(),
@@ -264,7 +287,7 @@ class SoftTopKSAE(TopKSAE):
             "alpha": alpha,
             "hard": float(hard),
         }
-        return SAEOutput(x_hat_ND, f_NM, losses, metrics)
+        return SAEOutput(x_hat_ND, f_NM, losses, metrics, code=code)
 
     def fold_input_scale(self, scale: float) -> None:
         """The k estimator reads x − b_dec through W_k, as the encoder does through W_enc."""

@@ -18,7 +18,8 @@ The reference (amudide/switch_sae ``trainers/switch.py``) computes the full dens
 it. Here dispatch is sparse: tokens are sorted by expert and each group meets only its expert's encoder
 columns (:class:`ExpertEncode`, whose backward writes the encoder gradient block by block instead of
 materialising one dense (d, M) gradient per expert), and decoding reads only the k selected decoder rows
-(``embedding_bag``). Forward and every gradient equal those of the dense masked computation (tested in
+(:func:`saekit.sae.sparse.sparse_decode`, with its sparse backward); the output carries the code as COO.
+Forward and every gradient equal those of the dense masked computation (tested in
 float64). Per token the encoder costs 2d(E + M/E) FLOPs forward instead of 2dM (spec §5.4).
 
 Choices and defaults (the spec's, unless noted):
@@ -48,7 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import SAE, SAEConfig, SAEOutput, StepContext, register
+from .base import SAE, SAEConfig, SAEOutput, SparseCode, StepContext, register
 from .common import UnitNormDecoder, sparse_decode, sse, tied_init, topk_relu, topk_to_coo
 
 
@@ -188,13 +189,13 @@ class SwitchSAE(UnitNormDecoder, SAE):
         vals_NK, cols_NK = self.dispatch(x_ND, gate_N, expert_N)
         rows, cols, vals = topk_to_coo(vals_NK, cols_NK)
         x_hat_ND = sparse_decode(rows, cols, vals, x_ND.shape[0], self.W_dec) + self.b_dec
-        f_NM = self.dense_code(vals_NK, cols_NK)
+        code = SparseCode(rows, cols, vals, (x_ND.shape[0], self.width))  # f is built only if read
         l_lb = self.load_balance(p_NE, expert_N)
         losses = {"recon": sse(x_ND, x_hat_ND)}
         if self.cfg.lb_alpha > 0:
             losses["load_balance"] = self.cfg.lb_alpha * self.cfg.d_in * l_lb
-        metrics = {"l0": (vals > 0).sum().item() / x_ND.shape[0], "l_lb": l_lb.item()}
-        return SAEOutput(x_hat_ND, f_NM, losses, metrics)
+        metrics = {"l0": (vals > 0).sum().detach() / x_ND.shape[0], "l_lb": l_lb.detach()}
+        return SAEOutput(x_hat_ND, None, losses, metrics, code=code)
 
     def init_from_data(self, sample: torch.Tensor, b_dec_init: torch.Tensor | None) -> None:
         """b_dec and b_router both start at the centre (the reference's geometric median of a batch)."""

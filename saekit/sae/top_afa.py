@@ -37,8 +37,11 @@ saekit's choices where the reference differs or is silent:
 * Init: unit-norm Gaussian decoder rows and W_enc = W_decᵀ (:func:`saekit.sae.common.tied_init`); the
   reference draws W_enc Kaiming-uniform and sets W_dec = its transpose, row-normalised (same directions,
   encoder columns of norm ≈ 0.35 instead of 1).
-* Decoding is dense (f W_dec): k* is per token and typically large (the paper's best runs keep ~2,000 of
-  12,288 latents), where the sparse ``embedding_bag`` decode has no edge.
+* Training stays dense (f W_dec, and the encoder's backward as GEMMs): k* is per token and typically
+  large (the paper's best runs keep ~2,000 of 12,288 latents, 1/6 of them), and the gather-based sparse
+  kernels of :mod:`saekit.sae.sparse` run at ≈ 3 GFLOP/s against a GEMM's 60–150 on 2 CPU cores, so they
+  win only below a density of about 1/30. b_dec's gradient through the encoder is a matrix-vector
+  product (:func:`~saekit.sae.common.encoder_preacts`), not an (N, M) × (M, d) GEMM.
 
 Defaults are the paper's GPT-2 sweep: λ_AFA ∈ {1/128, 1/64, 1/32, 1/24, 1/16}; 1/32 gave the lowest
 normalised MSE on layer 6 (1.6e-4 at L0 ≈ 2,037 of 12,288 latents); 1/128 gave L0 ≈ 315 (NMSE 0.13), so
@@ -54,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import SAE, SAEConfig, SAEOutput, StepContext, register
-from .common import UnitNormDecoder, auxk_term, mse, tied_init
+from .common import UnitNormDecoder, auxk_term, dense_decode, encoder_preacts, mse, tied_init
 
 
 @dataclass
@@ -111,7 +114,7 @@ class TopAFASAE(UnitNormDecoder, SAE):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 
     def pre_acts(self, x_ND: torch.Tensor) -> torch.Tensor:
-        return (x_ND - self.b_dec) @ self.W_enc
+        return encoder_preacts(x_ND, self.W_enc, None, self.b_dec)
 
     def _select(self, x_ND: torch.Tensor, pre_NM: torch.Tensor) -> torch.Tensor:
         a_NM = F.relu(pre_NM)
@@ -123,7 +126,7 @@ class TopAFASAE(UnitNormDecoder, SAE):
         return self._select(x_ND, self.pre_acts(x_ND))
 
     def decode(self, f_NM: torch.Tensor) -> torch.Tensor:
-        return f_NM @ self.W_dec + self.b_dec
+        return dense_decode(f_NM, self.W_dec, self.b_dec)
 
     def forward(self, x_ND: torch.Tensor, ctx: StepContext | None = None) -> SAEOutput:
         ctx = ctx or StepContext()

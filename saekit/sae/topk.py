@@ -11,7 +11,11 @@
   to E‖x‖² = d (per-dim MSE ≈ FVU for centred inputs); with an SSE scale α would be d times weaker.
 * Decoder rows unit-norm (constraint hooks); init W_enc = W_decᵀ (Gao §2.2). No sparsity coefficient, so
   ``ctx.sparsity_scale`` is unused.
-* Decoding in ``forward`` reads only the k selected decoder rows (``embedding_bag``).
+* Training runs the sparse path (:mod:`saekit.sae.sparse`): the encoder GEMM is chunked over tokens and
+  only the selected entries (top-k, and AuxK's top-k_aux among dead latents) are kept, with a sparse
+  backward that sends both selections' gradients to W_enc, b_enc and b_dec; decoding reads only the
+  selected decoder rows. Per token that is 2·d·M + O(k·d) FLOPs instead of a dense step's 12·d·M. The
+  output carries the code as COO (``SAEOutput.code``); the dense ``f`` is built only if read.
 
 :class:`saekit.sae.batchtopk.BatchTopKSAE` reuses this class and changes only the selection.
 """
@@ -23,18 +27,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import SAE, SAEConfig, SAEOutput, StepContext, register
+from .base import SAE, SAEConfig, SAEOutput, SparseCode, StepContext, register
 from .common import (
+    AuxCode,
     UnitNormDecoder,
+    auxk_selector,
     auxk_term,
-    coo_to_dense,
+    auxk_term_from_code,
     mse,
     sparse_decode,
     tied_init,
     topk_code,
     topk_relu,
     topk_to_coo,
+    train_codes,
 )
+from .sparse import COO, Selector, TopKSelect
 
 
 @dataclass
@@ -79,15 +87,32 @@ class TopKSAE(UnitNormDecoder, SAE):
     def select(
         self, pre_NM: torch.Tensor, ctx: StepContext
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training-time selection as row-sorted COO (rows, cols, vals). BatchTopK overrides this."""
+        """Training-time selection on a dense (N, M) matrix, as row-sorted COO (rows, cols, vals) after
+        ReLU: the dense form of :meth:`selector` (the reference the sparse path is tested against)."""
         return topk_to_coo(*topk_relu(pre_NM, self.cfg.k))
+
+    def selector(self, ctx: StepContext) -> Selector:
+        """The training selection for :func:`~saekit.sae.sparse.sparse_encode`. BatchTopK overrides it."""
+        return TopKSelect(self.cfg.k)
+
+    def after_select(self, vals: torch.Tensor, ctx: StepContext) -> None:
+        """Called with the selected values (after ReLU) of each training step. BatchTopK updates θ here."""
 
     def auxk(
         self, pre_NM: torch.Tensor, ctx: StepContext, residual_ND: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """AuxK's loss entry (:func:`~saekit.sae.common.auxk_term`) with this SAE's settings."""
+        """AuxK's loss entry (:func:`~saekit.sae.common.auxk_term`) with this SAE's settings (dense form)."""
         cfg = self.cfg
         return auxk_term(cfg.aux_coeff, pre_NM, ctx.dead_mask, residual_ND, self.W_dec, cfg.k_aux_resolved)
+
+    def encode_train(self, x_ND: torch.Tensor, ctx: StepContext) -> tuple[COO, AuxCode | None]:
+        """The training code and AuxK's (both after ReLU; AuxK's None when it has nothing to do), from one
+        chunked pass of the sparse encoder (:func:`~saekit.sae.common.train_codes`)."""
+        cfg = self.cfg
+        aux_sel = auxk_selector(cfg.aux_coeff, ctx.dead_mask, cfg.k_aux_resolved)
+        code, aux = train_codes(x_ND, self.W_enc, self.b_enc, self.b_dec, self.selector(ctx), aux_sel)
+        self.after_select(code[2], ctx)
+        return code, aux
 
     def encode(self, x_ND: torch.Tensor) -> torch.Tensor:
         pre_NM = self.pre_acts(x_ND)
@@ -98,13 +123,13 @@ class TopKSAE(UnitNormDecoder, SAE):
 
     def forward(self, x_ND: torch.Tensor, ctx: StepContext | None = None) -> SAEOutput:
         ctx = ctx or StepContext()
-        pre_NM = self.pre_acts(x_ND)
-        rows, cols, vals = self.select(pre_NM, ctx)
-        x_hat_ND = sparse_decode(rows, cols, vals, x_ND.shape[0], self.W_dec) + self.b_dec
-        f_NM = coo_to_dense(rows, cols, vals, pre_NM.shape)
+        n = x_ND.shape[0]
+        (rows, cols, vals), aux = self.encode_train(x_ND, ctx)
+        x_hat_ND = sparse_decode(rows, cols, vals, n, self.W_dec) + self.b_dec
         losses = {
             "recon": mse(x_ND, x_hat_ND),
-            **self.auxk(pre_NM, ctx, x_ND - x_hat_ND),
+            **auxk_term_from_code(self.cfg.aux_coeff, aux, x_ND - x_hat_ND, self.W_dec),
         }
-        metrics = {"l0": (vals > 0).sum().item() / x_ND.shape[0]}
-        return SAEOutput(x_hat_ND, f_NM, losses, metrics)
+        metrics = {"l0": (vals > 0).sum().detach() / n}
+        code = SparseCode(rows, cols, vals, (n, self.width))
+        return SAEOutput(x_hat_ND, None, losses, metrics, code=code)

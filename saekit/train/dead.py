@@ -4,19 +4,33 @@ A latent is dead when it has not fired in the last ``dead_tokens`` tokens. Befor
 been seen, the window is capped by the tokens seen so far: a latent is then dead when it has never fired.
 Counting tokens (not batches) makes the threshold independent of the batch size; int64 because 10M-token
 windows overflow int32 counts on long runs.
+
+Distributed, ``sync`` turns one rank's (fired mask, token count) into the global ones (a latent fired if
+it fired on any rank; tokens summed), so every rank holds the same counters as a single process would.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+FiredSync = Callable[[torch.Tensor, int], "tuple[torch.Tensor, int]"]
+
 
 class DeadLatentTracker:
-    def __init__(self, width: int, dead_tokens: int, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        width: int,
+        dead_tokens: int,
+        device: torch.device | str = "cpu",
+        *,
+        sync: FiredSync | None = None,
+    ):
         if width <= 0 or dead_tokens <= 0:
             raise ValueError(f"width and dead_tokens must be positive, got {width}, {dead_tokens}")
+        self.sync = sync
         self.dead_tokens = int(dead_tokens)
         self.tokens_since_fire_M = torch.zeros(width, dtype=torch.int64, device=device)
         self.tokens_seen = 0
@@ -28,6 +42,8 @@ class DeadLatentTracker:
                 f"fired mask has shape {tuple(fired_M.shape)}, "
                 f"expected ({self.tokens_since_fire_M.shape[0]},)"
             )
+        if self.sync is not None:
+            fired_M, n_tokens = self.sync(fired_M, n_tokens)
         self.tokens_since_fire_M += n_tokens
         self.tokens_since_fire_M.masked_fill_(fired_M.to(self.tokens_since_fire_M.device), 0)
         self.tokens_seen += int(n_tokens)
