@@ -5,7 +5,8 @@ Every comparison is at matched sparsity, read off the sweeps' curves by linear i
 between the two runs that bracket the L0 of interest (never extrapolated: a point outside a curve's L0 range
 is reported as such). The commands that make the inputs are in docs/results.md.
 
-    python benchmarks/claims.py --frontier runs/claims/frontier --extras runs/claims/extras \\
+    python benchmarks/claims.py --frontier runs/claims/frontier runs/claims/topk_high \\
+        --extras runs/claims/extras --in-distribution runs/claims/cache_stdlib_heldout \\
         --progressive runs/claims/progressive/*.json --plots docs/img/results
 """
 
@@ -29,13 +30,34 @@ def load_rows(sweep: str | Path) -> list[Row]:
     return rows
 
 
+def add_in_distribution(rows: list[Row], cache_dir: str) -> None:
+    """FVU and L0 of every run on held-out rows of the *training* text (``fvu_id``, ``l0_id``): the sweeps
+    evaluate on WikiText, where BatchTopK's global threshold lets L0 drift from k (TopK's cannot)."""
+    import numpy as np
+    import torch
+
+    import saekit
+    from saekit.eval.metrics import sae_reconstruction
+
+    cache = saekit.open_cache(cache_dir)
+    x_ND = torch.from_numpy(np.asarray(cache.acts(cache.hooks[0]))).float()
+    for row in rows:
+        sae = saekit.load(row["run"]).eval()
+        with torch.no_grad():
+            stats = sae_reconstruction(sae, x_ND)
+        row["fvu_id"], row["l0_id"] = stats["fvu"], stats["l0"]
+
+
 def curve(rows: list[Row], arch: str) -> list[Row]:
     """One architecture's runs at the sweep's base width, by increasing L0."""
     return sorted((r for r in rows if r["arch"] == arch and r["width_factor"] == 1.0), key=lambda r: r["l0"])
 
 
 def at_l0(points: list[Row], l0: float, key: str) -> float | None:
-    """``key`` interpolated linearly in log L0 between the two runs bracketing ``l0`` (None outside)."""
+    """``key`` interpolated linearly in log L0 between the two runs bracketing ``l0`` (None outside; an L0
+    within 1 % of the curve's ends counts as the end: a threshold SAE's L0 is never exactly k)."""
+    if points and points[0]["l0"] / 1.01 <= l0 <= points[-1]["l0"] * 1.01:
+        l0 = min(max(l0, points[0]["l0"]), points[-1]["l0"])
     for a, b in zip(points, points[1:], strict=False):
         if a["l0"] <= l0 <= b["l0"] and a["l0"] < b["l0"]:
             t = (math.log(l0) - math.log(a["l0"])) / (math.log(b["l0"]) - math.log(a["l0"]))
@@ -73,10 +95,13 @@ def runs_table(rows: list[Row]) -> str:
             fmt(r["ce_loss_recovered"]),
             fmt(r["gamma"]),
             f"{100 * r['dead_fraction']:.0f} %",
+            fmt(r.get("l0_id"), 1),
+            fmt(r.get("fvu_id")),
         ]
         for r in rows
     ]
-    return table(["run", "width", "L0", "FVU", "CE rec.", "γ", "silent"], lines)
+    header = ["run", "width", "L0", "FVU", "CE rec.", "γ", "silent", "L0 (train text)", "FVU (train text)"]
+    return table(header, lines)
 
 
 def gated_vs_relu(rows: list[Row]) -> str:
@@ -138,6 +163,9 @@ def batchtopk_vs_topk(rows: list[Row]) -> str:
                 fmt(t["ce_loss_recovered"]),
                 fmt(b["ce_loss_recovered"]),
                 fmt(at_l0(curve(rows, "topk"), b["l0"], "fvu")),
+                fmt(b.get("l0_id"), 1),
+                fmt(t.get("fvu_id")),
+                fmt(b.get("fvu_id")),
             ]
         )
     header = [
@@ -148,6 +176,9 @@ def batchtopk_vs_topk(rows: list[Row]) -> str:
         "TopK CE",
         "BatchTopK CE",
         "TopK FVU at its L0",
+        "BatchTopK L0 (train text)",
+        "TopK FVU (train text)",
+        "BatchTopK FVU (train text)",
     ]
     return table(header, lines)
 
@@ -211,13 +242,23 @@ def plot_all(rows: list[Row], extras: list[Row], curves: dict[str, list[Row]], o
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--frontier", required=True, help="sweep folder with relu/gated/jumprelu/topk/batchtopk")
-    ap.add_argument("--extras", default=None, help="sweep folder with matryoshka/top_afa/switch")
+    ap.add_argument(
+        "--frontier",
+        nargs="+",
+        required=True,
+        help="sweep folders of the curves (relu, gated, jumprelu, topk, ...)",
+    )
+    ap.add_argument(
+        "--extras", nargs="*", default=[], help="sweep folders of single points (top_afa, switch, ...)"
+    )
     ap.add_argument("--progressive", nargs="*", default=[], help="`saekit eval --progressive --json` files")
     ap.add_argument("--plots", default=None, help="folder for the PNGs")
+    ap.add_argument("--in-distribution", default=None, help="cache of held-out rows of the training text")
     args = ap.parse_args()
-    rows = load_rows(args.frontier)
-    extras = load_rows(args.extras) if args.extras else []
+    rows = [row for sweep in args.frontier for row in load_rows(sweep)]
+    extras = [row for sweep in args.extras for row in load_rows(sweep)]
+    if args.in_distribution:
+        add_in_distribution(rows + extras, args.in_distribution)
     print("## Every run\n\n" + runs_table(rows + extras))
     print("\n## Gated vs ReLU+L1\n\n" + gated_vs_relu(rows))
     print("\n## JumpReLU at matched L0\n\n" + at_matched_l0(rows, "jumprelu", ["gated", "topk"]))
