@@ -450,9 +450,12 @@ class Trainer:
         acts = [b.to(device=self.device, dtype=self.dtype) for b in acts]
         if self.dist is not None:
             acts = self.dist.gather_batches(acts)
-        rows = torch.cat(acts)
+        rows = torch.cat(acts)  # a fresh tensor: scaled in place below, so the sample is held ~once
         del acts
-        rows = rows[torch.isfinite(rows).all(dim=1)][: self.cfg.init_tokens]
+        finite = torch.isfinite(rows).all(dim=1)
+        if not finite.all():
+            rows = rows[finite]
+        rows = rows[: self.cfg.init_tokens]
         if rows.shape[0] == 0:
             raise ValueError("every row of the initial batches is NaN or Inf")
         self.norm_scale = 1.0
@@ -462,7 +465,7 @@ class Trainer:
             from saekit.activations.normalize import estimate_norm_scale
 
             self.norm_scale = estimate_norm_scale([rows], d=rows.shape[1], max_rows=rows.shape[0])
-        x = rows * self.norm_scale
+        x = rows.mul_(self.norm_scale)
         if self.cfg.b_dec_init == "geometric_median":
             center = geometric_median(x)
         elif self.cfg.b_dec_init == "mean":
