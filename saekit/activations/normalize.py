@@ -35,11 +35,14 @@ def estimate_norm_scale(
         x_BD = torch.as_tensor(batch)
         if x_BD.ndim != 2 or x_BD.shape[1] != d:
             raise ValueError(f"expected batches of shape (B, {d}), got {tuple(x_BD.shape)}")
-        x_BD = x_BD[: max_rows - n_rows].to(torch.float64)
-        finite_B = torch.isfinite(x_BD).all(dim=1)
-        n_bad += int((~finite_B).sum())
-        total_sq += float(x_BD[finite_B].square().sum())
-        n_rows += x_BD.shape[0]
+        # In blocks of rows: a float64 copy of a whole 32k-row sample (and its square) would cost
+        # ~450 MB at d = 576, more than the SAE being trained.
+        for block in x_BD[: max_rows - n_rows].split(4096):
+            sq_B = block.to(torch.float64).square().sum(dim=1)
+            finite_B = torch.isfinite(sq_B)  # a NaN or Inf anywhere in the row makes its square sum one
+            n_bad += int((~finite_B).sum())
+            total_sq += float(sq_B[finite_B].sum())
+            n_rows += block.shape[0]
         if n_rows >= max_rows:
             break
     if n_bad:
