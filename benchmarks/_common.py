@@ -190,6 +190,11 @@ class NpyRows:
             raise OSError(f"{self.path}: short read ({got} of {out.nbytes} bytes); is the file truncated?")
         return out
 
+    def chunks(self, size: int) -> Iterator[np.ndarray]:
+        """Every row in order, ``size`` rows at a time (the last chunk may be shorter)."""
+        for start in range(0, self.shape[0], size):
+            yield self.read(start, min(size, self.shape[0] - start))
+
     def batches(self, batch_size: int, start_batch: int = 0, cycle: bool = False) -> Iterator[np.ndarray]:
         """Consecutive full batches of ``batch_size`` rows from batch ``start_batch`` on; with ``cycle``,
         start over at the first batch when the file is used up (rows past the last full batch are never

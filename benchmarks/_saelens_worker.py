@@ -179,12 +179,11 @@ def main() -> None:
     if trainer.activation_scaler.scaling_factor is not None:
         raise RuntimeError("SAETrainer.fit() did not fold the activation scale into the SAE")
 
-    x_eval = np.load(args.heldout, mmap_mode="r")
     writer = OutputWriter(out, args.width)
     sae.eval()
     with torch.no_grad():
-        for start in range(0, x_eval.shape[0], args.eval_batch_size):
-            x = torch.from_numpy(np.array(x_eval[start : start + args.eval_batch_size], dtype=np.float32))
+        for chunk in NpyRows(args.heldout).chunks(args.eval_batch_size):
+            x = torch.from_numpy(chunk)
             f_NM = sae.encode(x)
             if args.arch == "topk" and int((f_NM != 0).sum(dim=-1).max()) > args.k:
                 raise RuntimeError("SAELens's TopK encode returned more than k non-zero latents")

@@ -42,7 +42,6 @@ from pathlib import Path
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # read when sparsify is imported: eager decoder on CPU
 
-import numpy as np
 import torch
 from _common import NpyRows, OutputWriter, lr_factor, peak_rss_mb, rss_now_mb
 from torch import nn
@@ -162,11 +161,10 @@ def main() -> None:
             opt.eval()  # the averaged weights, which sparsify's checkpoints hold
 
     sae = trainer.saes["layer"]
-    x_eval = np.load(args.heldout, mmap_mode="r")
     writer = OutputWriter(out, args.width)
     with torch.no_grad():
-        for start in range(0, x_eval.shape[0], args.eval_batch_size):
-            x = torch.from_numpy(np.array(x_eval[start : start + args.eval_batch_size], dtype=np.float32))
+        for chunk in NpyRows(args.heldout).chunks(args.eval_batch_size):
+            x = torch.from_numpy(chunk)
             enc = sae.encode(x * args.scale)
             x_hat = sae.decode(enc.top_acts, enc.top_indices) / args.scale
             writer.add_topk(x_hat.numpy(), enc.top_indices.numpy(), enc.top_acts.numpy())

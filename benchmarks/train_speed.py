@@ -228,11 +228,10 @@ def saekit_worker(spec_path: str) -> None:
     step_s = summary["train_seconds"] / summary["steps"]
 
     folded = saekit.load(out / "run" / "sae").eval()
-    x_eval = np.load(spec["heldout"], mmap_mode="r")
     writer = OutputWriter(out, spec["width"])
     with torch.no_grad():
-        for start in range(0, x_eval.shape[0], 1024):
-            x = torch.from_numpy(np.array(x_eval[start : start + 1024], dtype=np.float32))
+        for chunk in NpyRows(spec["heldout"]).chunks(1024):
+            x = torch.from_numpy(chunk)
             f = folded.encode(x)
             writer.add_dense(folded.decode(f).numpy(), f.numpy())
     writer.close()

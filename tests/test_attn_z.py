@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaForCausalLM
 
 from saekit.analysis.heads import (
     HeadGeometry,
@@ -35,7 +35,7 @@ from saekit.models.hooks import (
     hook_width,
     splice,
 )
-from saekit.models.tiny import BYTE_VOCAB, byte_tokenizer, tiny_gpt2
+from saekit.models.tiny import BYTE_VOCAB, byte_tokenizer, tiny_gpt2, tiny_llama
 from saekit.sae.topk import TopKConfig, TopKSAE
 
 N_HEADS, D_MODEL = 4, 32
@@ -44,22 +44,7 @@ N_HEADS, D_MODEL = 4, 32
 def llama_odd_heads(n_layers: int = 2) -> LlamaForCausalLM:
     """Llama with grouped-query attention (4 query heads, 2 key/value heads) and head_dim 6, so attn_z is
     4 · 6 = 24 wide while d_model is 32: a width taken from d_model would be wrong."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=BYTE_VOCAB,
-        hidden_size=D_MODEL,
-        intermediate_size=2 * D_MODEL,
-        num_hidden_layers=n_layers,
-        num_attention_heads=N_HEADS,
-        num_key_value_heads=2,
-        head_dim=6,
-        max_position_embeddings=128,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(n_layers, D_MODEL, num_attention_heads=N_HEADS, head_dim=6, max_position_embeddings=128)
 
 
 def tiny_neox() -> GPTNeoXForCausalLM:

@@ -6,6 +6,8 @@ fidelity) in milliseconds; users can use them to try a pipeline before loading a
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -37,21 +39,25 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_llama(n_layers: int = 4, d_model: int = 32, seed: int = 0) -> LlamaForCausalLM:
-    """A randomly initialised Llama-family model (same module layout as SmolLM2)."""
+def tiny_llama(n_layers: int = 4, d_model: int = 32, seed: int = 0, **config: Any) -> LlamaForCausalLM:
+    """A randomly initialised Llama-family model (same module layout as SmolLM2); ``config`` overrides
+    ``LlamaConfig`` fields (e.g. ``head_dim``)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=BYTE_VOCAB,
-        hidden_size=d_model,
-        intermediate_size=2 * d_model,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-        tie_word_embeddings=True,
+        **{
+            "vocab_size": BYTE_VOCAB,
+            "hidden_size": d_model,
+            "intermediate_size": 2 * d_model,
+            "num_hidden_layers": n_layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 2,
+            "tie_word_embeddings": True,
+            **config,
+        }
     )
     return LlamaForCausalLM(cfg).eval()
 
