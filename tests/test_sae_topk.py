@@ -125,3 +125,15 @@ def test_learns_synthetic_features():
     sae = TopKSAE(TopKConfig(d_in=16, width=48, k=2))
     train_on_synthetic(sae, x, 400, with_dead_mask)
     assert recovered_fraction(sae.W_dec, dirs) >= 0.8
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_encoder_starts_as_scaled_decoder_transpose(scale):
+    sae = TopKSAE(TopKConfig(d_in=6, width=10, k=2, init_encoder_scale=scale))
+    torch.testing.assert_close(sae.W_enc.detach(), scale * sae.W_dec.detach().t())
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(10))
+
+
+def test_init_encoder_scale_must_be_positive():
+    with pytest.raises(ValueError, match="init_encoder_scale"):
+        TopKSAE(TopKConfig(d_in=6, width=10, k=2, init_encoder_scale=0.0))

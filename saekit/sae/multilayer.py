@@ -48,8 +48,8 @@ from .base import SAE, SAEOutput, SparseCode, StepContext, register
 from .common import (
     UnitNormDecoder,
     auxk_selector,
-    auxk_term_from_code,
-    sparse_decode,
+    auxk_term_from_recon,
+    decode_codes,
     tied_init,
     topk_code,
     train_codes,
@@ -96,7 +96,7 @@ class MultiLayerSAE(UnitNormDecoder, SAE):
     def __init__(self, cfg: MultiLayerConfig):
         super().__init__(cfg)
         W_enc, W_dec = tied_init(cfg.d_in, cfg.width)
-        self.W_enc = nn.Parameter(W_enc)
+        self.W_enc = nn.Parameter(W_enc.mul_(cfg.init_encoder_scale))
         self.W_dec = nn.Parameter(W_dec)
         self.b_pre = nn.Parameter(torch.zeros(cfg.d_in))
         self.register_buffer("eps", torch.tensor(STD_EPS))
@@ -133,13 +133,14 @@ class MultiLayerSAE(UnitNormDecoder, SAE):
         (rows, cols, vals), aux_code = train_codes(
             z_ND, self.W_enc, None, self.b_pre, TopKSelect(cfg.k), aux_sel
         )
-        z_hat_ND = sparse_decode(rows, cols, vals, n_rows, self.W_dec) + self.b_pre
+        z_hat_ND, e_hat_ND = decode_codes(n_rows, self.W_dec, (rows, cols, vals), aux_code)
+        z_hat_ND = z_hat_ND + self.b_pre
         x_hat_ND = z_hat_ND * sigma_N1 + mu_N1
 
         x_LnD, x_hat_LnD = x_ND.reshape(n_layers, -1, self.d_in), x_hat_ND.reshape(n_layers, -1, self.d_in)
         mse_L = (x_LnD - x_hat_LnD).pow(2).mean(dim=(1, 2))
         fvu_L = mse_L / x_LnD.flatten(1).var(dim=1).clamp_min(torch.finfo(x_ND.dtype).tiny)
-        aux = auxk_term_from_code(cfg.aux_coeff, aux_code, z_ND - z_hat_ND, self.W_dec)
+        aux = auxk_term_from_recon(cfg.aux_coeff, e_hat_ND, z_ND - z_hat_ND)
         losses = {"recon": fvu_L.mean(), **aux}
         metrics = {"l0": (vals > 0).sum().detach() / n_rows}
         if n_layers > 1:

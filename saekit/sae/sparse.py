@@ -39,6 +39,9 @@ import torch.nn.functional as F
 COO = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """``(rows, cols, vals)``: S entries of an (N, M) matrix, rows ascending."""
 
+Selection = COO | torch.Tensor
+"""What a selector gives back: COO entries, or a dense (N, B) block (:class:`DenseColumns`)."""
+
 CHUNK_ELEMENTS = 1 << 25
 """Pre-activation entries computed at once (128 MiB in float32): bounds the encoder's working memory
 while each chunk's GEMM stays large enough to run at full speed."""
@@ -130,26 +133,36 @@ def _bag_by(keys: torch.Tensor, n_bags: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 # -- decode ---------------------------------------------------------------------------------------------
+_NO_INDEX = torch.empty(0, dtype=torch.long)
+
+
 class _SparseDecode(torch.autograd.Function):
-    """x̂[n] = Σ_{s: rows_s = n} vals_s · W_dec[cols_s]; sparse backward (module docstring)."""
+    """x̂[n] = Σ_{s: rows_s = n} vals_s · W_dec[cols_s], and optionally ê = f_NB W_dec[block_idx] for a
+    dense block of codes on a few latents (AuxK's dead block); sparse backward (module docstring). Both
+    products write their W_dec gradient into one buffer, so a step touches the (M, d) gradient once."""
 
     @staticmethod
-    def forward(ctx, rows, cols, vals, W_dec_MD, n_rows):  # noqa: D102 (autograd API)
+    def forward(ctx, rows, cols, vals, W_dec_MD, n_rows, block_idx, f_NB):  # noqa: D102 (autograd API)
         crow = _crow(rows, n_rows)
-        ctx.save_for_backward(rows, cols, vals, W_dec_MD, crow)
-        return kernels_for(W_dec_MD).bag_sum(cols, crow[:-1], W_dec_MD, vals)
+        ctx.save_for_backward(rows, cols, vals, W_dec_MD, crow, block_idx, f_NB)
+        x_hat = kernels_for(W_dec_MD).bag_sum(cols, crow[:-1], W_dec_MD, vals)
+        return x_hat, f_NB @ W_dec_MD.index_select(0, block_idx)
 
     @staticmethod
-    def backward(ctx, grad_ND):  # noqa: D102
-        rows, cols, vals, W_dec_MD, crow = ctx.saved_tensors
+    def backward(ctx, grad_ND, grad_block_ND):  # noqa: D102
+        rows, cols, vals, W_dec_MD, crow, block_idx, f_NB = ctx.saved_tensors
         kern, grad_ND = kernels_for(grad_ND), grad_ND.contiguous()
-        grad_vals = grad_W = None
+        grad_vals = grad_W = grad_f = None
         if ctx.needs_input_grad[2]:
             grad_vals = kern.sampled_dot(crow, cols, grad_ND, W_dec_MD).to(vals.dtype)
         if ctx.needs_input_grad[3]:
             order, offsets = _bag_by(cols, W_dec_MD.shape[0])
             grad_W = kern.bag_sum(rows[order], offsets, grad_ND, vals[order])
-        return None, None, grad_vals, grad_W, None
+            if block_idx.numel():
+                grad_W.index_add_(0, block_idx, f_NB.t() @ grad_block_ND)
+        if ctx.needs_input_grad[6]:
+            grad_f = grad_block_ND @ W_dec_MD.index_select(0, block_idx).t()
+        return None, None, grad_vals, grad_W, None, None, grad_f
 
 
 def sparse_decode(
@@ -159,7 +172,27 @@ def sparse_decode(
 
     ``rows`` must be ascending. Gradients flow to ``vals`` and ``W_dec``; a token without entries decodes
     to 0."""
-    return _SparseDecode.apply(rows, cols, vals.to(W_dec_MD.dtype), W_dec_MD, n_rows)
+    return sparse_decode_with_block(rows, cols, vals, n_rows, W_dec_MD)[0]
+
+
+def sparse_decode_with_block(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    vals: torch.Tensor,
+    n_rows: int,
+    W_dec_MD: torch.Tensor,
+    block_idx: torch.Tensor | None = None,
+    f_NB: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sparse_decode` and ``f_NB @ W_dec[block_idx]`` (an empty (0, d) tensor without a block) as one
+    autograd step, so that W_dec's gradient from both is one tensor instead of two added together."""
+    if block_idx is None:
+        block_idx = _NO_INDEX.to(W_dec_MD.device)
+        f_NB = W_dec_MD.new_empty(0, 0)
+    assert f_NB is not None
+    return _SparseDecode.apply(
+        rows, cols, vals.to(W_dec_MD.dtype), W_dec_MD, n_rows, block_idx, f_NB.to(W_dec_MD.dtype)
+    )
 
 
 # -- encode ---------------------------------------------------------------------------------------------
@@ -184,8 +217,9 @@ class Selector(Protocol):
         that aliases it) and return what :meth:`finish` needs."""
         ...
 
-    def finish(self, parts: list[Any], pre_rows: PreRows) -> COO:
-        """The selection over the whole batch as COO with the selected *pre-activation* values.
+    def finish(self, parts: list[Any], pre_rows: PreRows) -> Selection:
+        """The selection over the whole batch as COO with the selected *pre-activation* values (or a
+        dense block, :class:`DenseColumns`).
         ``pre_rows(rows)`` recomputes full pre-activation rows when the chunks' summaries were not enough."""
         ...
 
@@ -232,6 +266,21 @@ class DeadTopKSelect:
 
     def finish(self, parts, pre_rows) -> COO:
         return _per_row_coo(parts)
+
+
+class DenseColumns:
+    """Not a selection but a block: every pre-activation of the latents ``idx``, as a dense (N, B) tensor
+    (AuxK's dead block when a token keeps a large share of it). Its gradient reaches the encoder through
+    the same sparse backward as the selections', as two small GEMMs over the block."""
+
+    def __init__(self, idx: torch.Tensor):
+        self.idx = idx
+
+    def chunk(self, pre_nM: torch.Tensor, row0: int) -> torch.Tensor:
+        return pre_nM.index_select(1, self.idx.to(pre_nM.device))
+
+    def finish(self, parts, pre_rows) -> torch.Tensor:
+        return torch.cat(parts)
 
 
 @dataclass
@@ -283,7 +332,7 @@ def select_chunked(
     b_enc_M: torch.Tensor | None,
     selectors: Sequence[Selector],
     chunk_rows: int | None = None,
-) -> list[COO]:
+) -> list[Selection]:
     """Run every selector over π = xc W_enc + b_enc, computed ``chunk_rows`` tokens at a time into one
     reused buffer (default: :data:`CHUNK_ELEMENTS` entries per chunk). No gradient."""
     n, m = xc_ND.shape[0], W_enc_DM.shape[1]
@@ -306,31 +355,41 @@ def select_chunked(
 
 class _SelectedPreacts(torch.autograd.Function):
     """The entries (rows, cols) of π = (x − b_dec) W_enc + b_enc, already computed (``vals``) by
-    :func:`select_chunked`; backward as in the module docstring, for every entry of every selection."""
+    :func:`select_chunked`, and a dense block π[:, block_idx] (``block_NB``, possibly empty); backward as
+    in the module docstring for every entry of every selection, plus two small GEMMs for the block, all
+    into one gradient per parameter."""
 
     @staticmethod
-    def forward(ctx, x_ND, W_enc_DM, b_enc_M, b_dec_D, rows, cols, vals, xc_ND):  # noqa: D102
-        ctx.save_for_backward(xc_ND, W_enc_DM, rows, cols)
-        return vals.clone()
+    def forward(ctx, x_ND, W_enc_DM, b_enc_M, b_dec_D, rows, cols, vals, xc_ND, block_idx, block_NB):  # noqa: D102
+        ctx.save_for_backward(xc_ND, W_enc_DM, rows, cols, block_idx)
+        return vals.clone(), block_NB.clone()
 
     @staticmethod
-    def backward(ctx, grad_S):  # noqa: D102
-        xc_ND, W_enc_DM, rows, cols = ctx.saved_tensors
+    def backward(ctx, grad_S, grad_NB):  # noqa: D102
+        xc_ND, W_enc_DM, rows, cols, block_idx = ctx.saved_tensors
         need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[:4]
         kern, grad_S = kernels_for(grad_S), grad_S.contiguous()
         n, m = xc_ND.shape[0], W_enc_DM.shape[1]
+        block = block_idx.numel() > 0
         grad_x = grad_W = grad_b_enc = grad_b_dec = None
         if need_W:  # ∂W_encᵀ[c] = Σ_{s: cols_s = c} g_s · xc[rows_s]
             order, offsets = _bag_by(cols, m)
-            grad_W = kern.bag_sum(rows[order], offsets, xc_ND, grad_S[order]).t()
+            grad_W_MD = kern.bag_sum(rows[order], offsets, xc_ND, grad_S[order])
+            if block:
+                grad_W_MD.index_add_(0, block_idx, grad_NB.t() @ xc_ND)
+            grad_W = grad_W_MD.t()
         if need_b_enc or need_b_dec:
             grad_M = grad_S.new_zeros(m).index_add_(0, cols, grad_S)
+            if block:
+                grad_M.index_add_(0, block_idx, grad_NB.sum(dim=0))
             grad_b_enc = grad_M if need_b_enc else None
             grad_b_dec = -(W_enc_DM @ grad_M) if need_b_dec else None
         if need_x:  # ∂x[n] = Σ_{s: rows_s = n} g_s · W_enc[:, cols_s]
             order, offsets = _bag_by(rows, n)
             grad_x = kern.bag_sum(cols[order], offsets, W_enc_DM.t(), grad_S[order])
-        return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None, None, None
+            if block:
+                grad_x.addmm_(grad_NB, W_enc_DM.index_select(1, block_idx).t())
+        return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None, None, None, None, None
 
 
 def sparse_encode(
@@ -340,18 +399,27 @@ def sparse_encode(
     b_dec_D: torch.Tensor | None,
     selectors: Sequence[Selector],
     chunk_rows: int | None = None,
-) -> list[COO]:
-    """The selections of π = (x − b_dec) W_enc + b_enc (either bias may be None), one COO per selector,
-    whose values are the selected pre-activations (before any ReLU) with a sparse backward to x, W_enc,
-    b_enc and b_dec. The dense π is never kept: only (x − b_dec) and the indices are saved."""
+) -> list[Selection]:
+    """The selections of π = (x − b_dec) W_enc + b_enc (either bias may be None), one per selector: COO
+    whose values are the selected pre-activations (before any ReLU), or the (N, B) block of a
+    :class:`DenseColumns` (at most one), with a sparse backward to x, W_enc, b_enc and b_dec. The dense π is
+    never kept: only (x − b_dec) and the indices are saved."""
     with torch.no_grad():
         xc_ND = x_ND if b_dec_D is None else x_ND - b_dec_D
-        coos = select_chunked(xc_ND, W_enc_DM, b_enc_M, selectors, chunk_rows)
+        results = select_chunked(xc_ND, W_enc_DM, b_enc_M, selectors, chunk_rows)
     inputs = (x_ND, W_enc_DM, b_enc_M, b_dec_D)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
-        return coos
+        return results
+    coos = [r for r in results if isinstance(r, tuple)]
+    blocks = [(sel, r) for sel, r in zip(selectors, results, strict=True) if isinstance(r, torch.Tensor)]
+    if len(blocks) > 1:
+        raise ValueError("sparse_encode takes at most one DenseColumns selector")
+    block_idx = blocks[0][0].idx.to(x_ND.device) if blocks else _NO_INDEX.to(x_ND.device)
+    block_NB = blocks[0][1] if blocks else xc_ND.new_empty(xc_ND.shape[0], 0)
     rows = torch.cat([c[0] for c in coos])
     cols = torch.cat([c[1] for c in coos])
-    vals = _SelectedPreacts.apply(*inputs, rows, cols, torch.cat([c[2] for c in coos]), xc_ND)
-    pieces = vals.split([c[2].shape[0] for c in coos])
-    return [(r, c, v) for (r, c, _), v in zip(coos, pieces, strict=True)]
+    vals, block_NB = _SelectedPreacts.apply(
+        *inputs, rows, cols, torch.cat([c[2] for c in coos]), xc_ND, block_idx, block_NB
+    )
+    pieces = iter(vals.split([c[2].shape[0] for c in coos]))
+    return [block_NB if isinstance(r, torch.Tensor) else (r[0], r[1], next(pieces)) for r in results]

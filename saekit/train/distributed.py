@@ -120,7 +120,7 @@ class Distributed:
         ).mul_(weight)
         dist.all_reduce(flat)
         for p, g in zip(chosen, flat.split([p.numel() for p in chosen]), strict=True):
-            p.grad = g.view_as(p).clone() if p.grad is None else p.grad.copy_(g.view_as(p))
+            p.grad = torch.empty_like(p).copy_(g.view_as(p)) if p.grad is None else p.grad.copy_(g.view_as(p))
 
     def snapshot_buffers(self, module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(buffer, copy) of every floating-point buffer, taken before a step."""
@@ -150,7 +150,12 @@ class Distributed:
         """Rank 0's parameters and buffers on every rank."""
         with torch.no_grad():
             for t in [*module.parameters(), *module.buffers()]:
-                dist.broadcast(t.data, src=0)
+                if t.is_contiguous():
+                    dist.broadcast(t.data, src=0)
+                else:  # collectives take contiguous tensors (a latent-major W_enc is a transpose)
+                    buf = t.data.contiguous()
+                    dist.broadcast(buf, src=0)
+                    t.data.copy_(buf)
 
     def check_same_weights(self, module: nn.Module) -> None:
         """Raise, naming the tensor, if any parameter or buffer differs between ranks."""
