@@ -72,7 +72,7 @@ SAELENS_ARCH = {"topk": "topk", "relu": "standard", "gated": "gated"}
 INIT_TOKENS = 32_768  # saekit's TrainConfig.init_tokens: rows the input scale and b_dec are estimated on
 
 DIFFERENCES = [
-    "saekit TopK: unit-norm decoder, W_enc = W_dec^T / sqrt(3) init, geometric-median b_dec, MSE (mean over "
+    "saekit TopK: unit-norm decoder, W_enc = W_dec^T init, geometric-median b_dec, MSE (mean over "
     "dims) + AuxK normalised by the residual variance (alpha 1/32, k_aux d/2), sparse decode, no gradient "
     "clipping",
     "SAELens TopK: decoder rows initialised at norm 0.1 with rescale_acts_by_decoder_norm, b_dec 0, summed "

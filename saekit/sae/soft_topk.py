@@ -179,10 +179,6 @@ class SoftTopKConfig(TopKConfig):
     """Fraction of the run over which α goes linearly from alpha_start to alpha_final (0: alpha_final)."""
     hard_start: float = 0.96
     """Progress (fraction of the run) from which training uses the hard top-⌊k̂⌋ (1: never)."""
-    init_encoder_scale: float = 1.0
-    """W_enc = W_decᵀ at the start (Gao et al.'s init). The smaller TopK default (1/√3) was measured on
-    the hard top-k only; with it the soft phase recovered fewer synthetic features
-    (tests/test_sae_soft_topk.py)."""
 
     def validate(self) -> None:
         super().validate()

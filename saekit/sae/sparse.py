@@ -252,7 +252,8 @@ class TopKSelect:
 
 class DeadTopKSelect:
     """AuxK's selection: each token's ``k_aux`` largest pre-activations among the ``dead_M`` latents
-    (all of them when fewer are dead). Reads only the dead columns."""
+    (all of them when fewer are dead), keeping only the positive ones (the backward's cost is per entry,
+    and many dead latents' pre-activations are negative). Reads only the dead columns."""
 
     def __init__(self, dead_M: torch.Tensor, k_aux: int):
         self.dead_idx = dead_M.nonzero().flatten()
@@ -265,7 +266,9 @@ class DeadTopKSelect:
         return _sort_cols(vals, self.dead_idx.to(pre_nM.device)[local])
 
     def finish(self, parts, pre_rows) -> COO:
-        return _per_row_coo(parts)
+        rows, cols, vals = _per_row_coo(parts)
+        keep = vals > 0  # AuxK's ReLU zeroes the others: they add nothing forward and get no gradient
+        return rows[keep], cols[keep], vals[keep]
 
 
 class DenseColumns:
