@@ -40,6 +40,8 @@ from saekit.sae.gated import GatedConfig, GatedSAE
 from saekit.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 from saekit.sae.relu import ReLUConfig, ReLUSAE
 from saekit.sae.topk import TopKConfig, TopKSAE
+from saekit.train.allocator import retain_freed_memory
+from saekit.train.trainer import contiguous_alias
 
 
 def parse_args() -> argparse.Namespace:
@@ -103,11 +105,16 @@ def naive_jumprelu(sae: JumpReLUSAE, x: torch.Tensor, ctx: StepContext) -> tuple
 
 
 # -- one training step, as the trainer takes it ------------------------------------------------------------
-def saekit_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, ctx: StepContext) -> None:
+def saekit_step(
+    sae: SAE, opt: torch.optim.Optimizer, aliases: list, x: torch.Tensor, ctx: StepContext
+) -> None:
     out = sae(x, ctx)
     opt.zero_grad(set_to_none=True)
+    sae.zero_grad(set_to_none=True)
     out.loss.backward()
     sae.before_optimizer_step()
+    for p, alias in aliases:  # as the trainer does: Adam steps a latent-major W_enc through its alias
+        alias.grad = p.grad.t()
     opt.step()
     sae.after_optimizer_step()
     with torch.no_grad():
@@ -147,18 +154,25 @@ def bench(
     g = torch.Generator().manual_seed(0)
     dead_mask = torch.rand(sae.width, generator=g) < dead
     ctx = StepContext(dead_mask=dead_mask)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-5)  # tiny steps: the weights stay where they started
+    # the trainer's optimizer (fused Adam, a transposed parameter stepped through a contiguous alias) for
+    # saekit; fused Adam on the parameters themselves for plain autograd, whose W_enc gradient is (d, M).
+    # Tiny steps: the weights stay where they started.
+    aliases = [(p, a) for p in sae.parameters() if (a := contiguous_alias(p)) is not None]
+    stepped = {id(p): a for p, a in aliases}
+    opt = torch.optim.Adam([stepped.get(id(p), p) for p in sae.parameters()], lr=1e-5, fused=True)
+    opt_naive = torch.optim.Adam(sae.parameters(), lr=1e-5, fused=True)
     W, b = sae.W_enc.detach(), torch.zeros(sae.width)
     fns: dict[str, Callable[[], object]] = {
         "gemm": lambda: torch.addmm(b, x, W),
-        "saekit": lambda: saekit_step(sae, opt, x, ctx),
-        "naive": lambda: naive_step(naive, sae, opt, x, ctx),
+        "saekit": lambda: saekit_step(sae, opt, aliases, x, ctx),
+        "naive": lambda: naive_step(naive, sae, opt_naive, x, ctx),
     }
     return median_seconds(fns, repeats)
 
 
 def main() -> None:
     args = parse_args()
+    retain_freed_memory()  # as saekit.train.Trainer does on CPU
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     d, n = args.d, args.batch

@@ -102,6 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=list(LIBRARIES))
     ap.add_argument("--text", default=None, help=f"held-out text (default: {DEFAULT_HELDOUT} if present)")
     ap.add_argument("--k", type=int, default=32, help="TopK: active latents per token")
+    ap.add_argument(
+        "--saekit-init-encoder-scale",
+        type=float,
+        default=None,
+        help="saekit TopK init_encoder_scale (default: saekit's, 1; sparsify's encoder rows: 1/sqrt(3))",
+    )
     ap.add_argument("--relu-l1", type=float, default=1.0, help="ReLU+L1: lambda (saekit's default)")
     ap.add_argument("--gated-l1", type=float, default=3.0, help="Gated: lambda (saekit's default)")
     ap.add_argument("--batch-size", type=int, default=512)
@@ -154,7 +160,9 @@ def build_saekit_sae(spec: dict[str, Any]):
 
     d, width = spec["d"], spec["width"]
     if spec["arch"] == "topk":
-        return TopKSAE(TopKConfig(d_in=d, width=width, k=spec["k"]))
+        scale = spec.get("init_encoder_scale")
+        extra = {} if scale is None else {"init_encoder_scale": scale}
+        return TopKSAE(TopKConfig(d_in=d, width=width, k=spec["k"], **extra))
     if spec["arch"] == "relu":
         return ReLUSAE(ReLUConfig(d_in=d, width=width, l1_coeff=spec["l1"]))
     if spec["arch"] == "gated":
@@ -280,6 +288,7 @@ def worker_command(lib: str, arch: str, width: int, out: Path, ctx: dict[str, An
             "arch": arch,
             "width": width,
             "k": args.k,
+            "init_encoder_scale": args.saekit_init_encoder_scale,
             "l1": args.relu_l1 if arch == "relu" else args.gated_l1,
             "steps": steps,
             "batch_size": args.batch_size,
@@ -524,6 +533,7 @@ def main() -> None:
             "steps": steps,
             "batch_size": args.batch_size,
             "k": args.k,
+            "saekit_init_encoder_scale": args.saekit_init_encoder_scale,
             "relu_l1": args.relu_l1,
             "gated_l1": args.gated_l1,
             "lr": args.lr,
