@@ -132,6 +132,7 @@ def test_encoder_starts_as_scaled_decoder_transpose(scale):
     sae = TopKSAE(TopKConfig(d_in=6, width=10, k=2, init_encoder_scale=scale))
     torch.testing.assert_close(sae.W_enc.detach(), scale * sae.W_dec.detach().t())
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(10))
+    assert sae.W_enc.stride() == (1, 6)  # latent-major: the sparse backward's gradient layout
 
 
 def test_init_encoder_scale_must_be_positive():

@@ -537,3 +537,27 @@ def test_the_trainer_gives_each_parameter_group_its_learning_rate_scale(tmp_path
     assert thresholds["lr"] == pytest.approx(7.0 * main["lr"])
     trainer.scheduler.step()
     assert thresholds["lr"] == pytest.approx(7.0 * main["lr"]) and main["lr"] > 0
+
+
+def test_adam_steps_a_transposed_parameter_through_its_contiguous_alias():
+    """A latent-major W_enc (a transposed (M, d) tensor) is stepped by fused Adam through a contiguous alias
+    sharing its storage: the same update as Adam on the parameter itself."""
+    from saekit.train.trainer import contiguous_alias
+
+    torch.manual_seed(0)
+    base = torch.randn(12, 5)
+    p = torch.nn.Parameter(base.clone().t())  # (5, 12), stored as the transpose of (12, 5)
+    ref = torch.nn.Parameter(base.clone().t().contiguous())
+    assert contiguous_alias(ref) is None and contiguous_alias(torch.nn.Parameter(torch.randn(3))) is None
+    alias = contiguous_alias(p)
+    assert alias is not None and alias.is_contiguous() and alias.data_ptr() == p.data_ptr()
+    opt = torch.optim.Adam([alias], lr=0.1, fused=True)
+    opt_ref = torch.optim.Adam([ref], lr=0.1, foreach=False)
+    for _ in range(3):
+        g = torch.randn(5, 12)
+        p.grad, ref.grad = g.t().contiguous().t(), g.clone()  # the sparse backward's layout for p
+        alias.grad = p.grad.t()
+        opt.step()
+        opt_ref.step()
+    torch.testing.assert_close(p.detach(), ref.detach())
+    assert p.stride() == (1, 5)  # still latent-major
