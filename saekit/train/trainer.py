@@ -116,8 +116,8 @@ class Trainer:
         self.dtype = next(sae.parameters()).dtype
         # Adam steps a contiguous alias of each parameter stored transposed (a latent-major W_enc): the fused
         # kernel copies a non-contiguous tensor in and out on every step (4× its contiguous time).
-        self._aliases = {id(p): (p, a) for p in sae.parameters() if (a := contiguous_alias(p)) is not None}
-        stepped = {id(p): a for p, a in self._aliases.values()}
+        self._aliases = [(p, a) for p in sae.parameters() if (a := contiguous_alias(p)) is not None]
+        stepped = {id(p): a for p, a in self._aliases}
         groups = [
             {"params": [stepped.get(id(p), p) for p in g["params"]], "lr": cfg.lr * g["lr_scale"]}
             for g in sae.param_groups()
@@ -351,7 +351,7 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
             _accumulate(sums, "grad_norm", norm.detach())
         sums["_lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step used
-        for p, alias in self._aliases.values():
+        for p, alias in self._aliases:
             alias.grad = None if p.grad is None else p.grad.t()
         self.optimizer.step()
         self.sae.after_optimizer_step()
