@@ -41,7 +41,7 @@ from saekit.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 from saekit.sae.relu import ReLUConfig, ReLUSAE
 from saekit.sae.topk import TopKConfig, TopKSAE
 from saekit.train.allocator import retain_freed_memory
-from saekit.train.trainer import contiguous_alias
+from saekit.train.trainer import AdamAliases
 
 
 def parse_args() -> argparse.Namespace:
@@ -106,15 +106,14 @@ def naive_jumprelu(sae: JumpReLUSAE, x: torch.Tensor, ctx: StepContext) -> tuple
 
 # -- one training step, as the trainer takes it ------------------------------------------------------------
 def saekit_step(
-    sae: SAE, opt: torch.optim.Optimizer, aliases: list, x: torch.Tensor, ctx: StepContext
+    sae: SAE, opt: torch.optim.Optimizer, aliases: AdamAliases, x: torch.Tensor, ctx: StepContext
 ) -> None:
     out = sae(x, ctx)
     opt.zero_grad(set_to_none=True)
     sae.zero_grad(set_to_none=True)
     out.loss.backward()
     sae.before_optimizer_step()
-    for p, alias in aliases:  # as the trainer does: Adam steps a latent-major W_enc through its alias
-        alias.grad = p.grad.t()
+    aliases.take_grads()  # as the trainer does: Adam steps a latent-major W_enc through its alias
     opt.step()
     sae.after_optimizer_step()
     with torch.no_grad():
@@ -157,9 +156,8 @@ def bench(
     # the trainer's optimizer (fused Adam, a transposed parameter stepped through a contiguous alias) for
     # saekit; fused Adam on the parameters themselves for plain autograd, whose W_enc gradient is (d, M).
     # Tiny steps: the weights stay where they started.
-    aliases = [(p, a) for p in sae.parameters() if (a := contiguous_alias(p)) is not None]
-    stepped = {id(p): a for p, a in aliases}
-    opt = torch.optim.Adam([stepped.get(id(p), p) for p in sae.parameters()], lr=1e-5, fused=True)
+    aliases = AdamAliases(sae.parameters())
+    opt = torch.optim.Adam(aliases.stepped(sae.parameters()), lr=1e-5, fused=True)
     opt_naive = torch.optim.Adam(sae.parameters(), lr=1e-5, fused=True)
     W, b = sae.W_enc.detach(), torch.zeros(sae.width)
     fns: dict[str, Callable[[], object]] = {

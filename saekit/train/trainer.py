@@ -116,10 +116,9 @@ class Trainer:
         self.dtype = next(sae.parameters()).dtype
         # Adam steps a contiguous alias of each parameter stored transposed (a latent-major W_enc): the fused
         # kernel copies a non-contiguous tensor in and out on every step (4× its contiguous time).
-        self._aliases = [(p, a) for p in sae.parameters() if (a := contiguous_alias(p)) is not None]
-        stepped = {id(p): a for p, a in self._aliases}
+        self._aliases = AdamAliases(sae.parameters())
         groups = [
-            {"params": [stepped.get(id(p), p) for p in g["params"]], "lr": cfg.lr * g["lr_scale"]}
+            {"params": self._aliases.stepped(g["params"]), "lr": cfg.lr * g["lr_scale"]}
             for g in sae.param_groups()
         ]
         # The fused kernel (CPU and CUDA) is one pass over each tensor instead of several: measured 0.46 s
@@ -351,8 +350,7 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
             _accumulate(sums, "grad_norm", norm.detach())
         sums["_lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step used
-        for p, alias in self._aliases:
-            alias.grad = None if p.grad is None else p.grad.t()
+        self._aliases.take_grads()
         self.optimizer.step()
         self.sae.after_optimizer_step()
         if buffers is not None:
@@ -608,3 +606,21 @@ def contiguous_alias(p: torch.nn.Parameter) -> torch.nn.Parameter | None:
     if p.dim() != 2 or p.is_contiguous() or not p.t().is_contiguous():
         return None
     return torch.nn.Parameter(p.detach().t(), requires_grad=p.requires_grad)
+
+
+class AdamAliases:
+    """The parameters Adam steps: each one stored transposed is replaced by its :func:`contiguous_alias`,
+    which takes the parameter's gradient (as a free transpose) before every optimizer step."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter]):
+        self.pairs = [(p, a) for p in params if (a := contiguous_alias(p)) is not None]
+        self._alias_of = {id(p): a for p, a in self.pairs}
+
+    def stepped(self, params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+        """``params`` with each aliased parameter replaced by its alias."""
+        return [self._alias_of.get(id(p), p) for p in params]
+
+    def take_grads(self) -> None:
+        """Give every alias its parameter's current gradient."""
+        for p, alias in self.pairs:
+            alias.grad = None if p.grad is None else p.grad.t()
