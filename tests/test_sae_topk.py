@@ -135,6 +135,11 @@ def test_encoder_starts_as_scaled_decoder_transpose(scale):
     assert sae.W_enc.stride() == (1, 6)  # latent-major: the sparse backward's gradient layout
 
 
+def test_encoder_starts_at_sparsifys_scale_by_default():
+    sae = TopKSAE(TopKConfig(d_in=6, width=10, k=2))
+    torch.testing.assert_close(sae.W_enc.detach().norm(dim=0), torch.full((10,), 3**-0.5))
+
+
 def test_init_encoder_scale_must_be_positive():
     with pytest.raises(ValueError, match="init_encoder_scale"):
         TopKSAE(TopKConfig(d_in=6, width=10, k=2, init_encoder_scale=0.0))

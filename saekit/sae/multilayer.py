@@ -75,6 +75,8 @@ def standardize(x_ND: torch.Tensor, eps: float | torch.Tensor) -> tuple[torch.Te
 class MultiLayerConfig(TopKConfig):
     k_aux: int | None = 256
     """Dead latents AuxK may use per row (the reference's 256; None = d_in // 2)."""
+    init_encoder_scale: float = 1.0
+    """W_enc starts as this times W_decᵀ (the reference's 1, not TopK's 1/√3)."""
     n_layers: int = 1
     """Layers (hook points) pooled in a batch: the trainer's batch is this many equal blocks, one per layer,
     and the loss averages their FVUs. Set by `saekit train` from the hook points."""

@@ -163,6 +163,8 @@ class RankedTopKSelect:
 class SoftTopKConfig(TopKConfig):
     k: int = 32
     """Target mean k̂: the k penalty holds the batch mean of k̂(x) at (or below) this."""
+    init_encoder_scale: float = 1.0
+    """W_enc starts as this times W_decᵀ (the reference's 1, not TopK's 1/√3)."""
     k_max: int | None = None
     """Ceiling of k̂ (k̂ = k_max·σ(...)); default 2k. Must be > k and < width."""
     k_coeff: float = 1.0

@@ -9,8 +9,10 @@
   the residual's variance over the batch (OpenAI). α = 1/32, k_aux = d/2 (Gao App. A.2, B.1). The
   normalised AuxK is ~1 at worst, like an FVU, so α keeps its meaning next to the MSE of inputs normalised
   to E‖x‖² = d (per-dim MSE ≈ FVU for centred inputs); with an SSE scale α would be d times weaker.
-* Decoder rows unit-norm (constraint hooks); init W_enc = W_decᵀ (Gao §2.2). No sparsity coefficient, so
-  ``ctx.sparsity_scale`` is unused.
+* Decoder rows unit-norm (constraint hooks); init W_enc = c · W_decᵀ with c = 1/√3 by default (Gao §2.2
+  has c = 1; sparsify's ``nn.Linear`` encoder starts at 1/√3, Bussmann's BatchTopK at √(2d/M)). c = 1/√3
+  gave lower FVU at every budget measured on SmolLM2, with no latent left unfired during training by 2·10⁵
+  tokens (docs/performance.md). No sparsity coefficient, so ``ctx.sparsity_scale`` is unused.
 * Training runs the sparse path (:mod:`saekit.sae.sparse`): the encoder GEMM is chunked over tokens and
   only the selected entries (top-k, and AuxK's top-k_aux among dead latents) are kept, with a sparse
   backward that sends both selections' gradients to W_enc, b_enc and b_dec; decoding reads only the
@@ -53,11 +55,11 @@ class TopKConfig(SAEConfig):
     """α, the AuxK coefficient (0 turns AuxK off)."""
     k_aux: int | None = None
     """Dead latents AuxK may use per token; default d_in // 2 (Gao et al. App. B.1)."""
-    init_encoder_scale: float = 1.0
-    """W_enc starts as this times W_decᵀ (Gao et al.: 1, the default). Smaller values trade dead latents for
-    FVU early in training: on SmolLM2 at 32× width and 10⁵ tokens, 1/√3 (sparsify's effective scale) cut
-    held-out FVU from 0.61 to 0.52 but left 53 % of the latents silent on held-out text instead of 13 %
-    (docs/performance.md)."""
+    init_encoder_scale: float = 3**-0.5
+    """W_enc starts as this times W_decᵀ: 1/√3, the scale of sparsify's ``nn.Linear`` rows (Gao et al. use 1).
+    On SmolLM2 at 32× width it lowered held-out FVU from 0.61 to 0.52 at 10⁵ tokens and from 0.52 to 0.46 at
+    2·10⁵, at the price of more latents silent early on: 15 % (1: 0 %) on held-out text of the training
+    distribution at 10⁵ tokens, 6 % at 2·10⁵, as AuxK revives them (docs/performance.md)."""
 
     def validate(self) -> None:
         super().validate()
