@@ -39,6 +39,17 @@ def test_parallel_grad_removal_uses_row_direction_not_raw_row():
     torch.testing.assert_close(W.grad, torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
 
 
+def test_parallel_grad_removal_covers_every_block_of_rows():
+    # more rows than one block of CONSTRAINT_ROWS, the last block partial; rows of different norms
+    n = 2 * common.CONSTRAINT_ROWS + 77
+    W = torch.nn.Parameter(torch.randn(n, 5, dtype=torch.float64) * torch.rand(n, 1, dtype=torch.float64))
+    W.grad = torch.randn(n, 5, dtype=torch.float64)
+    u = W.detach() / W.detach().norm(dim=1, keepdim=True)
+    expected = W.grad - (W.grad * u).sum(1, keepdim=True) * u
+    common.remove_parallel_grad_(W)
+    torch.testing.assert_close(W.grad, expected)
+
+
 def test_unit_norm_decoder_mixin_wires_the_base_hooks():
     class Tiny(common.UnitNormDecoder, SAE):
         def __init__(self):

@@ -373,3 +373,39 @@ def test_jumprelu_matches_separate_straight_through_estimators(target_l0, pre_en
     tensors = {"x": x, **dict(sae.named_parameters())}
     _assert_terms_match(out.losses, ref, tensors)
     assert _grads(out.losses["l0"], tensors)["log_threshold"].abs().sum() > 0  # the window caught some
+
+
+# -- row_topk: torch.topk's entries, found among the best column groups -----------------------------------
+def _assert_same_topk(x: torch.Tensor, k: int) -> None:
+    vals, idx = sparse.row_topk(x, k)
+    ref_vals, _ = x.topk(k, dim=-1, sorted=False)
+    torch.testing.assert_close(vals.sort(dim=-1).values, ref_vals.sort(dim=-1).values, equal_nan=True)
+    torch.testing.assert_close(x.gather(1, idx), vals, equal_nan=True)
+    assert all(len(set(row.tolist())) == k for row in idx)  # k different latents per row
+
+
+@pytest.mark.parametrize(("n", "m", "k"), [(7, 512, 4), (3, 4608, 32), (5, 524, 4), (4, 40, 3)])
+def test_row_topk_selects_the_k_largest_entries(n, m, k):
+    """Wide rows take the grouped path (512, 4608); 524 (not a multiple of 8 groups) and 40 (too few
+    groups for k) fall back to topk itself."""
+    torch.manual_seed(0)
+    x = torch.randn(n, m)
+    x[0, 3 * (m // 8) + 1 :: m // 8] = 5.0  # a row whose top entries crowd into one column group
+    _assert_same_topk(x, k)
+
+
+def test_row_topk_over_the_last_dimension_of_a_3d_tensor():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 512)
+    vals, idx = sparse.row_topk(x, 4)
+    torch.testing.assert_close(vals.sort(dim=-1).values, x.topk(4, dim=-1).values.sort(dim=-1).values)
+    torch.testing.assert_close(x.gather(-1, idx), vals)
+
+
+def test_row_topk_with_ties_and_nan():
+    torch.manual_seed(0)
+    x = torch.zeros(3, 512)  # a row of ties: any k different columns are its top k
+    x[1] = torch.randn(512)
+    x[1, 100] = float("nan")  # NaN counts as the largest, as in topk
+    x[2] = torch.randn(512).round()
+    _assert_same_topk(x, 4)

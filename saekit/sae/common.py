@@ -23,7 +23,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .sparse import COO, DeadTopKSelect, DenseColumns, Selector, sparse_decode_with_block, sparse_encode
+from .sparse import (
+    COO,
+    DeadTopKSelect,
+    DenseColumns,
+    Selector,
+    row_topk,
+    sparse_decode_with_block,
+    sparse_encode,
+)
 from .sparse import sparse_decode as sparse_decode  # re-exported: it lives with the sparse path
 
 
@@ -44,17 +52,24 @@ def tied_init(
 
 
 # -- unit-norm decoder constraint ------------------------------------------------------------------------
+CONSTRAINT_ROWS = 512
+"""Decoder rows the gradient projection handles at once (512 × d floats stay in a core's cache)."""
+
+
 @torch.no_grad()
 def remove_parallel_grad_(W_dec_MD: torch.Tensor) -> None:
     """Remove from each row's gradient its component along the row, so that a (small) step moves the
     row tangentially to the unit sphere instead of changing its norm (then undone by renormalising)."""
     if W_dec_MD.grad is None:
         return
-    # g − (g·u) u with u = w/‖w‖, written as g − ((g·w)/‖w‖²) w (vector_norm reads w without the
-    # (M, d) temporary of w.pow(2): 2.5 against 7 ms at 18432 × 576 on 2 CPU cores)
-    norm_M = torch.linalg.vector_norm(W_dec_MD, dim=1)
-    coef_M = torch.linalg.vecdot(W_dec_MD.grad, W_dec_MD) / norm_M.square_().clamp_min_(1e-24)
-    W_dec_MD.grad.addcmul_(W_dec_MD, coef_M[:, None], value=-1)
+    # g − (g·u) u with u = w/‖w‖, written as g − ((g·w)/‖w‖²) w, a block of rows at a time so that the
+    # block's w and g are read from cache by the norm, the dot and the update (8.6 against 12.7 ms at
+    # 18432 × 576 on 2 CPU cores; vector_norm reads w without the temporary of w.pow(2))
+    rows = CONSTRAINT_ROWS
+    for w_RD, g_RD in zip(W_dec_MD.split(rows), W_dec_MD.grad.split(rows), strict=True):
+        norm_R = torch.linalg.vector_norm(w_RD, dim=1)
+        coef_R = torch.linalg.vecdot(g_RD, w_RD) / norm_R.square_().clamp_min_(1e-24)
+        g_RD.addcmul_(w_RD, coef_R[:, None], value=-1)
 
 
 @torch.no_grad()
@@ -118,7 +133,7 @@ def dense_decode(f_NM: torch.Tensor, W_dec_MD: torch.Tensor, b_dec_D: torch.Tens
 def topk_relu(pre_NM: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token top-k of the pre-activations, then ReLU (Gao et al.'s order). Returns ``(vals_NK,
     idx_NK)``; a selected pre-activation ≤ 0 gives a value of 0 (selected but inactive)."""
-    vals_NK, idx_NK = pre_NM.topk(k, dim=-1, sorted=False)
+    vals_NK, idx_NK = row_topk(pre_NM, k)
     return F.relu(vals_NK), idx_NK
 
 

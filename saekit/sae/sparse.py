@@ -224,6 +224,30 @@ class Selector(Protocol):
         ...
 
 
+TOPK_GROUPS = 8
+"""Column groups :func:`row_topk` prunes with (measured best of 4–64 at M = 4,608 and 18,432, k = 32)."""
+
+
+def row_topk(x_nM: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_nM.topk(k, dim=-1, sorted=False)`` over the last dimension: the same entries (any of the equal
+    ones where values tie), faster on CPU for wide rows. torch's CPU top-k partially sorts a copy of every
+    whole row; here the row is cut into ``G`` strided slices of ``B = M/G`` columns, their elementwise max
+    (one vectorised pass) gives each column group {c, c + B, …} its maximum, and only the k groups with the
+    largest maxima can hold the row's top k (the k-th largest entry is at least the k-th largest group
+    maximum, and every other group's entries are at most that), so the top k are taken among those k·G
+    candidates. 1.3–1.9× faster than ``topk`` at k = 32, M = 4,608–18,432 on 2 cores. Elsewhere (other
+    devices, narrow or ragged rows) it is ``topk`` itself."""
+    m, groups = x_nM.shape[-1], TOPK_GROUPS
+    if x_nM.device.type != "cpu" or m % groups or m // groups < 8 * k or not x_nM.is_contiguous():
+        return x_nM.topk(k, dim=-1, sorted=False)
+    width = m // groups
+    group_max_nB = x_nM.unflatten(-1, (groups, width)).amax(dim=-2)
+    best_nK = group_max_nB.topk(k, dim=-1, sorted=False)[1]
+    cand_nC = (best_nK.unsqueeze(-1) + torch.arange(0, m, width, device=x_nM.device)).flatten(-2)
+    vals_nK, pick_nK = x_nM.gather(-1, cand_nC).topk(k, dim=-1, sorted=False)
+    return vals_nK, cand_nC.gather(-1, pick_nK)
+
+
 def _sort_cols(vals_nK: torch.Tensor, idx_nK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     idx_nK, perm = idx_nK.sort(dim=-1)
     return vals_nK.gather(-1, perm), idx_nK
@@ -244,7 +268,7 @@ class TopKSelect:
     k: int
 
     def chunk(self, pre_nM: torch.Tensor, row0: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _sort_cols(*pre_nM.topk(self.k, dim=-1, sorted=False))
+        return _sort_cols(*row_topk(pre_nM, self.k))
 
     def finish(self, parts, pre_rows) -> COO:
         return _per_row_coo(parts)
