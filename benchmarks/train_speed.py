@@ -484,7 +484,6 @@ def main() -> None:
 
     steps = args.tokens // args.batch_size
     warmup = max(1, round(args.warmup_fraction * steps))
-    dead_tokens = args.dead_window_tokens
     x_train = shuffled_training_rows(
         train_cache, steps * args.batch_size, args.seed, work / "train_shuffled.npy"
     )
@@ -497,7 +496,7 @@ def main() -> None:
         "args": args,
         "steps": steps,
         "warmup": warmup,
-        "dead_tokens": dead_tokens,
+        "dead_tokens": args.dead_window_tokens,
         "threads": threads,
         "scale": scale,
         "work": work,
@@ -507,8 +506,8 @@ def main() -> None:
     }
     print(
         f"\n{steps} steps x {args.batch_size} = {steps * args.batch_size:,} training tokens of d = {d}; "
-        f"Adam lr {args.lr}, warm-up {warmup} steps, dead window {dead_tokens:,} tokens, input scale "
-        f"{scale:.5f}, {threads} threads; held-out {len(x_eval):,} tokens of {args.text}"
+        f"Adam lr {args.lr}, warm-up {warmup} steps, dead window {args.dead_window_tokens:,} tokens, "
+        f"input scale {scale:.5f}, {threads} threads; held-out {len(x_eval):,} tokens of {args.text}"
         + (" [QUICK RUN]" if args.quick else "")
     )
 
@@ -549,7 +548,7 @@ def main() -> None:
             "adam_betas": [args.adam_beta1, args.adam_beta2],
             "warmup_steps": warmup,
             "decay": "linear to 0 over the last 20% of steps",
-            "dead_window_tokens": dead_tokens,
+            "dead_window_tokens": args.dead_window_tokens,
             "input_scale": scale,
             "threads": threads,
             "seed": args.seed,

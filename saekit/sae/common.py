@@ -43,12 +43,21 @@ def unit_rows(n_rows: int, n_cols: int, generator: torch.Generator | None = None
 
 
 def tied_init(
-    d_in: int, width: int, generator: torch.Generator | None = None
+    d_in: int,
+    width: int,
+    generator: torch.Generator | None = None,
+    *,
+    scale: float = 1.0,
+    latent_major: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W_enc_DM, W_dec_MD)``: unit-norm decoder rows and an encoder initialised to (a copy of) their
-    transpose. Starting with encoder = decoder transpose keeps early latents from being dead (Gao et al.)."""
+    """``(W_enc_DM, W_dec_MD)``: unit-norm decoder rows and an encoder initialised to ``scale`` times (a
+    copy of) their transpose. Starting with encoder ∝ decoder transpose keeps early latents from being dead
+    (Gao et al.). ``latent_major`` stores W_enc as the transpose of an (M, d) tensor, the layout in which
+    the sparse backward builds its gradient (no transposing copy per step; the trainer gives Adam the
+    contiguous alias); otherwise W_enc is a contiguous (d, M) tensor."""
     W_dec_MD = unit_rows(width, d_in, generator)
-    return W_dec_MD.t().clone().contiguous(), W_dec_MD
+    W_enc_MD = W_dec_MD.mul(scale)
+    return (W_enc_MD.t() if latent_major else W_enc_MD.t().contiguous()), W_dec_MD
 
 
 # -- unit-norm decoder constraint ------------------------------------------------------------------------

@@ -97,8 +97,8 @@ class MultiLayerSAE(UnitNormDecoder, SAE):
 
     def __init__(self, cfg: MultiLayerConfig):
         super().__init__(cfg)
-        W_enc, W_dec = tied_init(cfg.d_in, cfg.width)
-        self.W_enc = nn.Parameter(W_enc.mul_(cfg.init_encoder_scale))
+        W_enc, W_dec = tied_init(cfg.d_in, cfg.width, scale=cfg.init_encoder_scale)
+        self.W_enc = nn.Parameter(W_enc)
         self.W_dec = nn.Parameter(W_dec)
         self.b_pre = nn.Parameter(torch.zeros(cfg.d_in))
         self.register_buffer("eps", torch.tensor(STD_EPS))

@@ -38,11 +38,11 @@ from .common import (
     auxk_term_from_recon,
     decode_codes,
     mse,
+    tied_init,
     topk_code,
     topk_relu,
     topk_to_coo,
     train_codes,
-    unit_rows,
 )
 from .sparse import COO, Selector, TopKSelect
 
@@ -84,11 +84,9 @@ class TopKSAE(UnitNormDecoder, SAE):
 
     def __init__(self, cfg: TopKConfig):
         super().__init__(cfg)
-        W_dec = unit_rows(cfg.width, cfg.d_in)
-        # W_enc (d, M) is stored latent-major, as the transpose of an (M, d) tensor: the sparse backward
-        # builds its gradient one latent per row, which then needs no (d, M) transposing copy per step (the
-        # trainer gives Adam the contiguous (M, d) alias); the encoder GEMM reads either layout as fast.
-        self.W_enc = nn.Parameter(W_dec.mul(cfg.init_encoder_scale).t())
+        # latent-major W_enc: the sparse path's gradient layout; the encoder GEMM reads either layout as fast
+        W_enc, W_dec = tied_init(cfg.d_in, cfg.width, scale=cfg.init_encoder_scale, latent_major=True)
+        self.W_enc = nn.Parameter(W_enc)
         self.b_enc = nn.Parameter(torch.zeros(cfg.width))
         self.W_dec = nn.Parameter(W_dec)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
